@@ -1,0 +1,1 @@
+"""mmdetection / mmsegmentation integration."""

@@ -1,0 +1,1 @@
+"""Task heads (DCAL, conditional cross-attention, OAT)."""
