@@ -51,12 +51,12 @@ def window_attention(
 
     from . import fused
 
-    unsupported = fused.unsupported(q)
-    backend = select_backend(OP, q, triton_supported=unsupported is None)
+    backend = select_backend(OP, q, triton_supported=fused.preferred(q))
     if backend == "reference":
         return window_attention_reference(q, k, v, bias, mask, scale)
     if backend == "torch":
         return window_attention_sdpa(q, k, v, bias, mask, scale)
+    unsupported = fused.unsupported(q)
     if unsupported is not None:
         raise ValueError(f"{OP}: the triton backend {unsupported}")
     return fused.window_attention_fused(q, k, v, bias, mask, scale)
