@@ -1,6 +1,7 @@
 """Attention ops: each a readable PyTorch reference beside a fused Triton forward and backward, chosen by
 :mod:`attnzoo.kernels.dispatch`."""
+from .channel import channel_attention
 from .dispatch import BACKENDS, forced_backend, trace, use_backend
 from .window import window_attention
 
-__all__ = ["BACKENDS", "forced_backend", "trace", "use_backend", "window_attention"]
+__all__ = ["BACKENDS", "channel_attention", "forced_backend", "trace", "use_backend", "window_attention"]

@@ -1,0 +1,214 @@
+"""Fused Triton channel attention, forward and backward.
+
+Per (image, group) the op is three small steps around one hd × hd state:
+
+    forward    S = kᵀ v (split-N, fp32)        A = softmax(scale · S)         out = q Aᵀ
+    backward   dA = doutᵀ q (split-N, fp32)    dS = A ⊙ (dA − rowsum(dA ⊙ A))  dq = dout A,
+                                                                               dk = scale · v dSᵀ, dv = scale · k dS
+
+The two sums over all N tokens run as ``_outer_sum_kernel``: each program reduces a run of N-blocks into a fp32
+partial state, written to its own slot so the sum is deterministic (no atomics). The ``_apply`` kernels then sum
+those few partials, do the softmax (or its backward) on the hd × hd state in registers, and stream the tokens
+once. Only A (hd × hd per group, fp32) is kept for the backward; everything else is recomputed.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..dispatch import interpreting
+
+MAX_D = 128
+
+
+def unsupported(q: torch.Tensor) -> str | None:
+    """Why the fused kernels cannot take ``q`` (a phrase for an error message), or None when they can."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"takes float16, bfloat16 or float32 `q`, got {q.dtype}"
+    if q.shape[-1] > MAX_D:
+        return f"supports a head dim hd <= {MAX_D}, got `q` with hd={q.shape[-1]}"
+    return None
+
+
+@triton.jit
+def _dot(a, b, FP32_DOT: tl.constexpr):
+    # fp32 operands in exact ieee fp32 (no tf32); FP32_DOT also covers bf16 under the interpreter, whose bf16
+    # tl.dot is wrong
+    if FP32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b.to(a.dtype))
+
+
+@triton.jit
+def _outer_sum_kernel(
+    x_ptr, y_ptr, part_ptr,
+    G, N, D, blocks_per_split,
+    sxb, sxg, sxn, sxd, syb, syg, syn, syd,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """part[bg, s] = Σ_n x[n, :]ᵀ y[n, :] over the N-blocks of split s, as a fp32 [BLOCK_D, BLOCK_D] tile."""
+    bg = tl.program_id(0)
+    split = tl.program_id(1)
+    x_ptr += (bg // G) * sxb + (bg % G) * sxg
+    y_ptr += (bg // G) * syb + (bg % G) * syg
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    for i in range(blocks_per_split):
+        offs_n = (split * blocks_per_split + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        xt = tl.load(x_ptr + offs_d[:, None] * sxd + offs_n[None, :] * sxn,
+                     mask=(offs_d[:, None] < D) & (offs_n[None, :] < N), other=0.0)  # [BLOCK_D, BLOCK_N]
+        y = tl.load(y_ptr + offs_n[:, None] * syn + offs_d[None, :] * syd,
+                    mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc += _dot(xt, y, FP32_DOT)
+    tile = (bg * tl.num_programs(1) + split) * BLOCK_D * BLOCK_D
+    tl.store(part_ptr + tile + offs_d[:, None] * BLOCK_D + offs_d[None, :], acc)
+
+
+@triton.jit
+def _sum_partials(part_ptr, bg, num_splits, BLOCK_D: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    tile = part_ptr + bg * num_splits * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :]
+    total = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    for s in range(num_splits):
+        total += tl.load(tile + s * BLOCK_D * BLOCK_D)
+    return total
+
+
+@triton.jit
+def _fwd_apply_kernel(
+    q_ptr, part_ptr, attn_ptr, o_ptr,
+    G, N, D, num_splits, scale,
+    sqb, sqg, sqn, sqd, sob, sog, son, sod,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """A = softmax(scale · Σ partials) over its last dim; out = q Aᵀ for one block of tokens; block 0 saves A."""
+    bg = tl.program_id(0)
+    block = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_d = (offs_d[:, None] < D) & (offs_d[None, :] < D)
+
+    logits = _sum_partials(part_ptr, bg, num_splits, BLOCK_D) * scale
+    logits = tl.where(offs_d[None, :] < D, logits, float("-inf"))  # padded columns take no weight
+    p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    attn = p / tl.sum(p, axis=1)[:, None]
+    if block == 0:
+        tl.store(attn_ptr + bg * D * D + offs_d[:, None] * D + offs_d[None, :], attn, mask=in_d)
+
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_nd = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    q = tl.load(q_ptr + (bg // G) * sqb + (bg % G) * sqg + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+                mask=in_nd, other=0.0)
+    out = _dot(q, tl.trans(attn), FP32_DOT)
+    tl.store(o_ptr + (bg // G) * sob + (bg % G) * sog + offs_n[:, None] * son + offs_d[None, :] * sod,
+             out.to(o_ptr.dtype.element_ty), mask=in_nd)
+
+
+@triton.jit
+def _bwd_apply_kernel(
+    k_ptr, v_ptr, do_ptr, attn_ptr, part_ptr, dq_ptr, dk_ptr, dv_ptr,
+    G, N, D, num_splits, scale,
+    skb, skg, skn, skd, svb, svg, svn, svd, sdb, sdg, sdn, sdd, sgb, sgg, sgn, sgd,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """dq = dout A, dk = v dSᵀ, dv = k dS for one block of tokens, dS = scale · A ⊙ (dA − rowsum(dA ⊙ A)).
+    dq, dk, dv share the strides sg*."""
+    bg = tl.program_id(0)
+    block = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    offs_d = tl.arange(0, BLOCK_D)
+    attn = tl.load(attn_ptr + bg * D * D + offs_d[:, None] * D + offs_d[None, :],
+                   mask=(offs_d[:, None] < D) & (offs_d[None, :] < D), other=0.0)
+    d_attn = _sum_partials(part_ptr, bg, num_splits, BLOCK_D)
+    d_state = attn * (d_attn - tl.sum(d_attn * attn, axis=1)[:, None]) * scale  # softmax backward, × scale
+
+    offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_nd = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    tok = offs_n[:, None]
+    dim = offs_d[None, :]
+    do = tl.load(do_ptr + b * sdb + g * sdg + tok * sdn + dim * sdd, mask=in_nd, other=0.0)
+    v = tl.load(v_ptr + b * svb + g * svg + tok * svn + dim * svd, mask=in_nd, other=0.0)
+    k = tl.load(k_ptr + b * skb + g * skg + tok * skn + dim * skd, mask=in_nd, other=0.0)
+    grads = b * sgb + g * sgg + tok * sgn + dim * sgd
+    tl.store(dq_ptr + grads, _dot(do, attn, FP32_DOT).to(dq_ptr.dtype.element_ty), mask=in_nd)
+    tl.store(dk_ptr + grads, _dot(v, tl.trans(d_state), FP32_DOT).to(dk_ptr.dtype.element_ty), mask=in_nd)
+    tl.store(dv_ptr + grads, _dot(k, d_state, FP32_DOT).to(dv_ptr.dtype.element_ty), mask=in_nd)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+class _Launch:
+    """Block sizes and the split of the N-reduction for one [B, G, N, hd] problem."""
+
+    def __init__(self, q: torch.Tensor, block_n: int | None = None, splits: int | None = None):
+        B, G, N, D = q.shape
+        self.BG, self.N, self.D = B * G, N, D
+        self.BLOCK_D = max(16, triton.next_power_of_2(D))
+        if block_n is None:  # the interpreter's cost grows with the program count: few, large blocks there
+            block_n = min(256, max(16, triton.next_power_of_2(N))) if interpreting() else (
+                128 if self.BLOCK_D <= 64 else 64)
+        self.BLOCK_N = block_n
+        self.n_blocks = triton.cdiv(N, block_n)
+        if splits is None:  # enough programs in the reduction to fill the GPU when B·G alone does not
+            target = 4 * _num_sms(q.device.index or 0) if q.is_cuda else 1
+            splits = max(1, triton.cdiv(target, self.BG))
+        self.blocks_per_split = triton.cdiv(self.n_blocks, min(splits, self.n_blocks))
+        self.splits = triton.cdiv(self.n_blocks, self.blocks_per_split)
+        self.fp32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and interpreting())
+        self.num_warps = 4 if self.BLOCK_D <= 64 else 8
+
+    def outer_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """[B·G, splits, BLOCK_D, BLOCK_D] fp32 partials of xᵀ y."""
+        part = torch.empty(self.BG, self.splits, self.BLOCK_D, self.BLOCK_D, device=x.device, dtype=torch.float32)
+        _outer_sum_kernel[(self.BG, self.splits)](
+            x, y, part, x.shape[1], self.N, self.D, self.blocks_per_split, *x.stride(), *y.stride(),
+            BLOCK_N=self.BLOCK_N, BLOCK_D=self.BLOCK_D, FP32_DOT=self.fp32_dot, num_warps=self.num_warps)
+        return part
+
+
+def _forward(q, k, v, scale: float, launch: _Launch):
+    part = launch.outer_sum(k, v)
+    attn = torch.empty(launch.BG, launch.D, launch.D, device=q.device, dtype=torch.float32)
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    _fwd_apply_kernel[(launch.BG, launch.n_blocks)](
+        q, part, attn, out, q.shape[1], launch.N, launch.D, launch.splits, scale, *q.stride(), *out.stride(),
+        BLOCK_N=launch.BLOCK_N, BLOCK_D=launch.BLOCK_D, FP32_DOT=launch.fp32_dot, num_warps=launch.num_warps)
+    return out, attn
+
+
+def _backward(q, k, v, attn, d_out, scale: float, launch: _Launch):
+    part = launch.outer_sum(d_out, q)
+    dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    _bwd_apply_kernel[(launch.BG, launch.n_blocks)](
+        k, v, d_out, attn, part, dq, dk, dv, q.shape[1], launch.N, launch.D, launch.splits, scale,
+        *k.stride(), *v.stride(), *d_out.stride(), *dq.stride(),
+        BLOCK_N=launch.BLOCK_N, BLOCK_D=launch.BLOCK_D, FP32_DOT=launch.fp32_dot, num_warps=launch.num_warps)
+    return dq, dk, dv
+
+
+class _ChannelAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, block_n, splits):
+        launch = _Launch(q, block_n, splits)
+        out, attn = _forward(q, k, v, scale, launch)
+        ctx.save_for_backward(q, k, v, attn)
+        ctx.scale, ctx.launch = scale, launch
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, attn = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, attn, d_out, ctx.scale, ctx.launch)
+        return dq, dk, dv, None, None, None
+
+
+def channel_attention_fused(q, k, v, scale: float, block_n: int | None = None, splits: int | None = None):
+    """The fused forward and backward. ``block_n`` (tokens per block) and ``splits`` (programs per group in the
+    N-reduction) override the launch heuristics, e.g. to exercise a many-way split on a small input."""
+    return _ChannelAttention.apply(q, k, v, scale, block_n, splits)
