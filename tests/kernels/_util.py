@@ -11,9 +11,10 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def assert_within_precision(name: str, fused: torch.Tensor, same_dtype: torch.Tensor, exact: torch.Tensor) -> None:
-    """FlashAttention's rule: the fused result is at most twice as far from the fp32/fp64 result as the plain
-    PyTorch computation in the same low precision, plus a rounding floor."""
-    bound = 2 * max_err(same_dtype, exact) + FLOOR[fused.dtype]
+def assert_within_precision(name: str, fused: torch.Tensor, same_dtype: torch.Tensor, exact: torch.Tensor,
+                            dtype: torch.dtype) -> None:
+    """FlashAttention's rule: the fused result is at most twice as far from the fp64 result as the plain PyTorch
+    computation done entirely in the same low precision `dtype`, plus a rounding floor."""
+    bound = 2 * max_err(same_dtype, exact) + FLOOR[dtype]
     err = max_err(fused, exact)
-    assert err <= bound, f"{name}: error {err:.3g} exceeds {bound:.3g} ({fused.dtype})"
+    assert err <= bound, f"{name}: error {err:.3g} exceeds {bound:.3g} ({dtype})"
