@@ -2,6 +2,10 @@
 :mod:`attnzoo.kernels.dispatch`."""
 from .channel import channel_attention
 from .dispatch import BACKENDS, forced_backend, trace, use_backend
+from .halo import halo_attention
 from .window import window_attention
 
-__all__ = ["BACKENDS", "channel_attention", "forced_backend", "trace", "use_backend", "window_attention"]
+__all__ = [
+    "BACKENDS", "channel_attention", "forced_backend", "halo_attention", "trace", "use_backend",
+    "window_attention",
+]
