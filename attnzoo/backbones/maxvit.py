@@ -1,19 +1,20 @@
-"""MaxViT: Multi-Axis Vision Transformer (Tu et al., ECCV 2022, https://arxiv.org/abs/2204.01697), on attnzoo's
-window attention.
+"""MaxViT: Multi-Axis Vision Transformer (Tu et al., ECCV 2022, https://arxiv.org/abs/2204.01697), on
+attnzoo's window attention.
 
     stem → 4 × stage[ MaxViT block × depth ] → pool → head
     MaxViT block (paper Fig. 2) = MBConv → block attention + FFN → grid attention + FFN
 
-Block attention attends within each P×P window; grid attention within each G×G grid cell strided over the whole
-map (a dilated, global mixing). Both are the same softmax attention over short sequences with a relative position
-bias, so both run through :func:`attnzoo.kernels.window_attention`, the bias passed as ``bias`` rather than added
-into the logits.
+Block attention attends within each P×P window; grid attention within each G×G grid cell strided over the
+whole map (a dilated, global mixing). Both are the same softmax attention over short sequences with a
+relative position bias, so both run through :func:`attnzoo.kernels.window_attention`, the bias passed as
+``bias`` rather than added into the logits.
 
 Everything that is not attention is timm's (``timm.models.maxxvit``): the configs, stem, MBConv, heads, the
 window / grid partitions, the relative position modules and the model surface (``forward_intermediates``,
-``reset_classifier``, ...). The model names, pretrained tags and state_dict are timm's too, so timm's published
-weights load unchanged. Unlike timm, any input size works: the map is padded up to the partition size, the padded
-keys are masked out and the output cropped back; a size that already tiles takes exactly timm's computation.
+``reset_classifier``, ...). The model names, pretrained tags and state_dict are timm's too, so timm's
+published weights load unchanged. Unlike timm, any input size works: the map is padded up to the partition
+size, the padded keys are masked out and the output cropped back; a size that already tiles takes exactly
+timm's computation.
 """
 from __future__ import annotations
 
@@ -29,8 +30,7 @@ from timm.layers import (
     get_norm_layer,
     to_2tuple,
 )
-from timm.models import build_model_with_cfg, register_model
-from timm.models import maxxvit
+from timm.models import build_model_with_cfg, maxxvit, register_model
 from timm.models._manipulate import checkpoint_seq, named_apply
 from timm.models.maxxvit import (
     AttentionCl,
@@ -78,8 +78,8 @@ def partitioned_attention(
 ) -> torch.Tensor:
     """``attn`` within each partition (window or grid cell) of NHWC ``x``, any H and W.
 
-    The map is zero-padded at the bottom and right up to a multiple of ``size``, the padded tokens are masked out
-    as keys (so they take no weight) and the padded rows and columns cropped off the output.
+    The map is zero-padded at the bottom and right up to a multiple of ``size``, the padded tokens are masked
+    out as keys (so they take no weight) and the padded rows and columns cropped off the output.
     """
     H, W = x.shape[1:3]
     x = pad_to_multiple(x, size)
@@ -103,8 +103,9 @@ class ParallelPartitionAttention(maxxvit.ParallelPartitionAttention):
     concatenated, then one FFN."""
 
     def _partition_attn(self, x: torch.Tensor) -> torch.Tensor:
-        x_window = partitioned_attention(self.attn_block, x, self.partition_size, window_partition, window_reverse)
-        x_grid = partitioned_attention(self.attn_grid, x, self.partition_size, grid_partition, grid_reverse)
+        size = self.partition_size
+        x_window = partitioned_attention(self.attn_block, x, size, window_partition, window_reverse)
+        x_grid = partitioned_attention(self.attn_grid, x, size, grid_partition, grid_reverse)
         return torch.cat([x_window, x_grid], dim=-1)
 
 
@@ -115,9 +116,9 @@ class MaxVitBlock(nn.Module):
         self,
         dim: int,
         dim_out: int,
-        stride: int = 1,
-        conv_cfg: MaxxVitConvCfg = MaxxVitConvCfg(),
-        transformer_cfg: MaxxVitTransformerCfg = MaxxVitTransformerCfg(),
+        stride: int,
+        conv_cfg: MaxxVitConvCfg,
+        transformer_cfg: MaxxVitTransformerCfg,
         drop_path: float = 0.0,
         device=None,
         dtype=None,
@@ -152,9 +153,9 @@ class ParallelMaxVitBlock(nn.Module):
         self,
         dim: int,
         dim_out: int,
-        stride: int = 1,
-        conv_cfg: MaxxVitConvCfg = MaxxVitConvCfg(),
-        transformer_cfg: MaxxVitTransformerCfg = MaxxVitTransformerCfg(),
+        stride: int,
+        conv_cfg: MaxxVitConvCfg,
+        transformer_cfg: MaxxVitTransformerCfg,
         drop_path: float = 0.0,
         device=None,
         dtype=None,
@@ -174,7 +175,8 @@ class ParallelMaxVitBlock(nn.Module):
     def set_input_size(self, feat_size, window_size: tuple[int, int], grid_size: tuple[int, int]) -> None:
         """Change the partition size, one for both attentions here; ``feat_size`` is unused."""
         if to_2tuple(window_size) != to_2tuple(grid_size):
-            raise ValueError(f"ParallelMaxVitBlock: `window_size` {window_size} and `grid_size` {grid_size} must match")
+            raise ValueError(
+                f"ParallelMaxVitBlock: `window_size` {window_size} and `grid_size` {grid_size} must be equal")
         self.attn.set_partition_size(window_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,15 +231,15 @@ class Stem(maxxvit.Stem):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_chs = self.conv1.in_channels
         if x.dim() != 4 or x.shape[1] != in_chs:
-            raise ValueError(f"{self.model_name}: the input `x` must be [B, {in_chs}, H, W] ({in_chs} channels), "
-                             f"got shape {list(x.shape)}")
+            raise ValueError(f"{self.model_name}: the input `x` must be [B, {in_chs}, H, W] ({in_chs} "
+                             f"channels), got shape {list(x.shape)}")
         H, W = x.shape[-2:]
         m = self.size_multiple
         if m > 1 and ((H + 1) // 2 % m or (W + 1) // 2 % m):
             raise ValueError(
-                f"{self.model_name}: the input `x` must have a height and width that round up to a multiple of "
-                f"{2 * m} (its MBConv shortcuts pool 2×2 without padding, so every stage needs an even size), "
-                f"got {H}×{W}")
+                f"{self.model_name}: the input `x` must have a height and width that are multiples of "
+                f"{2 * m} (or one less): its MBConv shortcuts pool 2×2 without padding, so every stage "
+                f"needs an even size; got {H}×{W}")
         return super().forward(x)
 
 
@@ -245,13 +247,13 @@ def _check_cfg(model_name: str, cfg: MaxxVitCfg, transformer_cfg: MaxxVitTransfo
     """Reject the timm options that this MaxViT does not implement (they belong to CoAtNet and MaxxViT)."""
     for i, types in enumerate(cfg.block_type):
         if any(t not in ("M", "PM") for t in ((types,) if isinstance(types, str) else types)):
-            raise ValueError(f"{model_name}: `block_type` must be 'M' (MaxViT) or 'PM' (parallel MaxViT) blocks, "
-                             f"got {types!r} for stage {i}; CoAtNet stages stay with timm")
+            raise ValueError(f"{model_name}: `block_type` must be 'M' (MaxViT) or 'PM' (parallel MaxViT) "
+                             f"blocks, got {types!r} for stage {i}; CoAtNet stages stay with timm")
     unsupported = {
         "conv_block_type": (cfg.conv_cfg.block_type, "mbconv"),
         "transformer_use_nchw_attn": (transformer_cfg.use_nchw_attn, False),
         "transformer_no_block_attn": (transformer_cfg.no_block_attn, False),
-        "transformer_attn_drop": (transformer_cfg.attn_drop, 0.0),  # window_attention has no attention dropout
+        "transformer_attn_drop": (transformer_cfg.attn_drop, 0.0),  # window_attention has no attn dropout
     }
     for name, (value, expected) in unsupported.items():
         if value != expected:
@@ -262,13 +264,14 @@ class MaxVit(MaxxVit):
     """MaxViT with its block and grid attention on attnzoo's ``window_attention``.
 
     A subclass of timm's ``MaxxVit`` for its model surface (``forward_features``, ``forward_head``,
-    ``forward_intermediates``, ``reset_classifier``, ``set_grad_checkpointing``, ``set_input_size``, ...), with
-    the same attributes and state_dict. The constructor is this one, not timm's, because timm's builds its own
-    stage classes.
+    ``forward_intermediates``, ``reset_classifier``, ``set_grad_checkpointing``, ``set_input_size``, ...),
+    with the same attributes and state_dict. The constructor is this one, not timm's, because timm's builds
+    its own stage classes.
 
     Args:
         cfg: a timm ``MaxxVitCfg`` (``timm.models.maxxvit.model_cfgs``) with MaxViT blocks.
-        img_size: the input size the window and grid sizes derive from (img_size / 32); other sizes are padded.
+        img_size: the input size the window and grid sizes derive from (img_size / 32); other sizes are
+            padded.
         model_name: the name errors are reported under.
         **kwargs: ``transformer_*`` / ``conv_*`` / top-level overrides of ``cfg``, as in timm.
     """
@@ -305,8 +308,9 @@ class MaxVit(MaxxVit):
 
         conv_cfg = cfg.conv_cfg
         self.stem = Stem(
-            in_chans, cfg.stem_width, padding=conv_cfg.padding, bias=cfg.stem_bias, act_layer=conv_cfg.act_layer,
-            norm_layer=conv_cfg.norm_layer, norm_eps=conv_cfg.norm_eps, model_name=model_name,
+            in_chans, cfg.stem_width, padding=conv_cfg.padding, bias=cfg.stem_bias,
+            act_layer=conv_cfg.act_layer, norm_layer=conv_cfg.norm_layer, norm_eps=conv_cfg.norm_eps,
+            model_name=model_name,
             # 'same' padding downsamples any size; otherwise each stride-2 MBConv needs an even one
             size_multiple=1 if conv_cfg.padding == "same" else 2 ** len(cfg.depths), **dd,
         )
@@ -314,7 +318,7 @@ class MaxVit(MaxxVit):
         stride, in_chs = self.stem.stride, self.stem.out_chs
         dpr = calculate_drop_path_rates(drop_path_rate, cfg.depths, stagewise=True)
         stages = []
-        for i, (depth, out_chs) in enumerate(zip(cfg.depths, cfg.embed_dim)):
+        for i, (depth, out_chs) in enumerate(zip(cfg.depths, cfg.embed_dim, strict=True)):
             stages.append(MaxVitStage(
                 in_chs, out_chs, depth, cfg.block_type[i], conv_cfg, transformer_cfg, dpr[i], **dd))
             stride, in_chs = stride * 2, out_chs
@@ -329,7 +333,8 @@ class MaxVit(MaxxVit):
                 drop_rate=drop_rate, norm_layer=norm_layer, **dd)
         else:  # norm → pool → classifier
             self.norm = norm_layer(self.num_features, **dd)
-            self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+            self.head = ClassifierHead(
+                self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self.head_hidden_size = self.head.num_features
 
         if cfg.weight_init:
