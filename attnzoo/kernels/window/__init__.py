@@ -13,6 +13,11 @@ from .._checks import check_float, check_rank, check_same, shape_str
 from ..dispatch import select_backend
 from .reference import window_attention_reference, window_attention_sdpa
 
+try:
+    from . import fused
+except ImportError:  # no triton on this platform: the torch and reference paths remain
+    fused = None
+
 __all__ = ["window_attention"]
 
 OP = "window_attention"
@@ -49,9 +54,7 @@ def window_attention(
         mask = mask[None]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
 
-    from . import fused
-
-    backend = select_backend(OP, q, triton_supported=fused.preferred(q))
+    backend = select_backend(OP, q, triton_supported=fused is not None and fused.preferred(q))
     if backend == "reference":
         return window_attention_reference(q, k, v, bias, mask, scale)
     if backend == "torch":
