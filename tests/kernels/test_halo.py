@@ -1,5 +1,6 @@
-"""halo_attention: the fused Triton path (under the interpreter on CPU) and the SDPA path against the reference,
-forward and all gradients; the reference against autograd's numerical gradients; argument checks."""
+"""halo_attention: the fused Triton path (under the interpreter on CPU) and the SDPA path against the
+reference, forward and all gradients; the reference against autograd's numerical gradients; argument
+checks."""
 from __future__ import annotations
 
 import pytest
@@ -44,7 +45,7 @@ def test_fused_matches_reference_fp32(halo, stride, scale_pos_embed):
     ref, _ = run("reference", inputs, grad_out, halo, scale_pos_embed)
     got, calls = run("triton", inputs, grad_out, halo, scale_pos_embed)
     assert calls == [("halo_attention", "triton")]
-    for name, a, b in zip(NAMES, got, ref):
+    for name, a, b in zip(NAMES, got, ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
@@ -56,10 +57,11 @@ def test_fused_matches_reference_fp16(halo, stride, scale_pos_embed):
     ref, _ = run("reference", [t.float() for t in inputs], grad_out.float(), halo, scale_pos_embed)
     got, calls = run("triton", inputs, grad_out, halo, scale_pos_embed)
     assert calls == [("halo_attention", "triton")]
-    for name, a, b in zip(NAMES, got, ref):
+    for name, a, b in zip(NAMES, got, ref, strict=True):
         assert a.dtype == torch.float16
         scale = b.abs().max().item()
-        torch.testing.assert_close(a.float(), b, atol=4e-3 * scale, rtol=1e-2, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(a.float(), b, atol=4e-3 * scale, rtol=1e-2,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("halo,stride,scale_pos_embed", CASES)
@@ -68,7 +70,7 @@ def test_torch_path_matches_reference(halo, stride, scale_pos_embed):
     ref, _ = run("reference", inputs, grad_out, halo, scale_pos_embed)
     got, calls = run("torch", inputs, grad_out, halo, scale_pos_embed)
     assert calls == [("halo_attention", "torch")]
-    for name, a, b in zip(NAMES, got, ref):
+    for name, a, b in zip(NAMES, got, ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
@@ -98,7 +100,7 @@ def test_reference_gradcheck(scale_pos_embed):
 ])
 def test_bad_input_raises(change, match):
     inputs, _ = make_inputs(halo=2, stride=1, dtype=torch.float32)
-    args = dict(zip(["q", "k", "v", "height_rel", "width_rel"], (t.detach() for t in inputs)),
+    args = dict(zip(["q", "k", "v", "height_rel", "width_rel"], (t.detach() for t in inputs), strict=True),
                 block_size=BLOCK, halo_size=2)
     with pytest.raises(ValueError, match="halo_attention: .*" + match):
         halo_attention(**change(args))
