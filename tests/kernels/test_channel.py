@@ -51,7 +51,6 @@ def test_triton_matches_reference(dtype, shape, transposed_q):
     _assert_close(got, want, dtype, "triton")
 
 
-
 @pytest.mark.parametrize("block_n,splits", [(16, 3), (16, 13), (32, 1)])
 def test_triton_split_n_reduction(block_n, splits):
     """The kᵀv and doutᵀq sums spread over several programs, several N-blocks each, with a ragged last block."""
