@@ -121,8 +121,9 @@ def tiny_halonet(**kwargs) -> HaloNet:
 
 
 def test_triton_backend_matches_torch():
-    model = tiny_halonet()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the kernels run in Triton's interpreter
+    model = tiny_halonet().to(device)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     results = {}
     for backend in ("torch", "triton"):
         xb = x.clone().requires_grad_()

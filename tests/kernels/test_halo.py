@@ -10,6 +10,8 @@ from attnzoo.kernels import halo_attention, trace, use_backend
 from attnzoo.kernels.halo.reference import halo_attention_reference
 
 BLOCK = 4
+# the fused kernels run on CUDA when there is a GPU, else on CPU tensors through Triton's interpreter
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_inputs(halo: int, stride: int, dtype: torch.dtype, seed: int = 0, dqk: int = 24, dv: int = 16):
@@ -23,7 +25,7 @@ def make_inputs(halo: int, stride: int, dtype: torch.dtype, seed: int = 0, dqk: 
     k, v = kv[..., :dqk], kv[..., dqk:]
     rel = [(0.3 * torch.randn(2 * win - 1, dqk, generator=g)).to(dtype) for _ in range(2)]
     grad_out = torch.randn(B, N, H // stride, W // stride, dv, generator=g).to(dtype)
-    return [t.detach().requires_grad_() for t in (q, k, v, *rel)], grad_out
+    return [t.to(DEVICE).detach().requires_grad_() for t in (q, k, v, *rel)], grad_out.to(DEVICE)
 
 
 def run(backend: str, inputs, grad_out, halo: int, scale_pos_embed: bool):
@@ -81,7 +83,7 @@ def test_reference_gradcheck(scale_pos_embed):
     block, halo = 2, 1
     win = block + 2 * halo
     shapes = [(1, 1, 4, 4, 3), (1, 1, 4, 4, 3), (1, 1, 4, 4, 2), (2 * win - 1, 3), (2 * win - 1, 3)]
-    inputs = [torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
+    inputs = [torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_() for s in shapes]
     fn = lambda *a: halo_attention_reference(*a, block, halo, 0.7, scale_pos_embed)  # noqa: E731
     assert torch.autograd.gradcheck(fn, inputs)
 
