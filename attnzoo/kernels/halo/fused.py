@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ..dispatch import interpreting
 
-MAX_WIN, MAX_BQ, MAX_D = 16, 16, 128
+MAX_WIN, MAX_D = 16, 128  # win² ≤ 256 keys and bq² ≤ b² ≤ 256 queries fit one tile
 LOG2E = 1.4426950408889634
 
 
