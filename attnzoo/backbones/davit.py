@@ -2,18 +2,18 @@
 attnzoo's window and channel attention kernels.
 
     stem → 4 × stage[ downsample → (spatial block → channel block) × depth ] → pool → norm → fc
-    block (paper Fig. 3) = x + CPE(x) → x + Attn(LN(x)) → x + CPE(x) → x + MLP(LN(x))        (CPE: 3×3 depthwise conv)
+    block (paper Fig. 3) = x + CPE(x) → x + Attn(LN(x)) → x + CPE(x) → x + MLP(LN(x)),  CPE a 3×3 dw conv
 
 The two attentions are duals of each other. Spatial window attention: tokens attend to the other tokens of
 their 7×7 window, every head over its hd channels (:func:`attnzoo.kernels.window_attention`). Channel group
-attention: the hd channels of a group attend to each other through an hd × hd map summed over all tokens of the
-image (:func:`attnzoo.kernels.channel_attention`), so every channel sees the whole image.
+attention: the hd channels of a group attend to each other through an hd × hd map summed over all tokens of
+the image (:func:`attnzoo.kernels.channel_attention`), so every channel sees the whole image.
 
 Everything that is not attention is timm's (``timm.models.davit``): the stem, downsampling, position encoding,
 head, checkpoint converter, configs and the model surface (``forward_intermediates``, ``reset_classifier``,
 ``features_only``, ...). The model names, pretrained tags and state_dict are timm's too, so timm's published
-weights load unchanged. Unlike timm, the padding up to the window is masked out of the keys rather than attended
-to as zero tokens; a size that already tiles takes exactly timm's computation.
+weights load unchanged. Unlike timm, the padding up to the window is masked out of the keys rather than
+attended to as zero tokens; a size that already tiles takes exactly timm's computation.
 """
 from __future__ import annotations
 
@@ -56,9 +56,10 @@ class WindowAttention(nn.Module):
         qkv = pad_to_multiple(self.qkv(x), ws)
         padded_hw = qkv.shape[1:3]
         windows = window_partition(qkv, ws)  # [B·windows, wh, ww, 3C], windows image-major
-        q, k, v = windows.reshape(-1, ws[0] * ws[1], 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = windows.reshape(-1, ws[0] * ws[1], 3, self.num_heads, C // self.num_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B·windows, heads, N, hd]
         mask = padding_key_mask((H, W), padded_hw, ws, window_partition, x.device)
-        x = window_attention(q, k, v, mask=mask)  # [B·windows, heads, N, hd], default scale hd^-0.5 as timm
+        x = window_attention(q, k, v, mask=mask)  # default scale hd^-0.5, as timm
         x = window_reverse(x.transpose(1, 2).reshape(-1, *ws, C), ws, padded_hw)
         return self.proj(x[:, :H, :W])
 
@@ -66,11 +67,12 @@ class WindowAttention(nn.Module):
 class ChannelAttention(nn.Module):
     """Channel group attention over an NHWC map: per group of hd channels, ``q · softmax(hd^-0.5 · kᵀv)ᵀ``.
 
-    ``v2`` is Florence-2's variant (timm's ``ChannelAttentionV2``): ``v · softmax(N^-0.5 · qᵀk)ᵀ``, the same op
-    with the roles of q, k, v rotated.
+    ``v2`` is Florence-2's variant (timm's ``ChannelAttentionV2``): ``v · softmax(N^-0.5 · qᵀk)ᵀ``, the same
+    op with the roles of q, k, v rotated.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, v2: bool = False, device=None, dtype=None):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, v2: bool = False, device=None,
+                 dtype=None):
         super().__init__()
         self.groups = num_heads
         self.v2 = v2
@@ -89,7 +91,7 @@ class ChannelAttention(nn.Module):
 
 
 class DaVitBlock(nn.Module):
-    """One half of a dual block, spatial or channel by its ``attn``; NCHW in and out, timm's state_dict keys."""
+    """One half of a dual block, spatial or channel by its ``attn``; NCHW in and out; timm's keys."""
 
     def __init__(
         self,
@@ -158,7 +160,7 @@ class DaVit(timm_davit.DaVit):
         if len(depths) != len(embed_dims) or len(depths) != len(num_heads):
             raise ValueError(f"DaVit: `depths`, `embed_dims` and `num_heads` need one entry per stage, got "
                              f"{len(depths)}, {len(embed_dims)} and {len(num_heads)}")
-        for dim, heads in zip(embed_dims, num_heads):
+        for dim, heads in zip(embed_dims, num_heads, strict=True):
             if dim % heads:
                 raise ValueError(f"DaVit: each of `embed_dims` {tuple(embed_dims)} must be divisible by its "
                                  f"`num_heads` {tuple(num_heads)}")
@@ -166,8 +168,8 @@ class DaVit(timm_davit.DaVit):
             if attn_type not in ("spatial", "channel"):
                 raise ValueError(f"DaVit: `attn_types` takes 'spatial' and 'channel', got {attn_type!r}")
         dd = dict(device=device, dtype=dtype)
-        super().__init__(depths=(0,) * len(depths), embed_dims=embed_dims, num_heads=num_heads, norm_eps=norm_eps, **dd,
-                         **kwargs)
+        super().__init__(depths=(0,) * len(depths), embed_dims=embed_dims, num_heads=num_heads,
+                         norm_eps=norm_eps, **dd, **kwargs)
         norm_layer = partial(get_norm_layer(norm_layer_cl), eps=norm_eps)
 
         def half(attn_type: str, dim: int, heads: int, drop_path: float) -> tuple[str, DaVitBlock]:
@@ -179,10 +181,11 @@ class DaVit(timm_davit.DaVit):
             return f"{attn_type}_block", block
 
         dpr = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)
-        for stage, dim, heads, rates in zip(self.stages, embed_dims, num_heads, dpr):
+        for stage, dim, heads, rates in zip(self.stages, embed_dims, num_heads, dpr, strict=True):
             dual_blocks = [OrderedDict(half(t, dim, heads, rate) for t in attn_types) for rate in rates]
             stage.blocks = nn.Sequential(*(
-                nn.Sequential(halves) if named_blocks else nn.Sequential(*halves.values()) for halves in dual_blocks
+                nn.Sequential(halves) if named_blocks else nn.Sequential(*halves.values())
+                for halves in dual_blocks
             ))
         self.stages.apply(self._init_weights)
 
@@ -210,7 +213,7 @@ def _create_davit(variant: str, pretrained: bool = False, **kwargs) -> DaVit:
         DaVit,
         variant,
         pretrained,
-        pretrained_filter_fn=timm_davit.checkpoint_filter_fn,  # timm's layout as is; the MSFT/Florence-2 renamed
+        pretrained_filter_fn=timm_davit.checkpoint_filter_fn,  # timm's layout as is; MSFT, Florence-2 renamed
         feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
         pretrained_strict=strict,
         **kwargs,
@@ -263,12 +266,14 @@ _FLORENCE2 = dict(window_size=12, down_kernel_size=3, channel_attn_v2=True, name
 
 @register_model
 def davit_base_fl(pretrained: bool = False, **kwargs) -> DaVit:
-    model_args = dict(depths=(1, 1, 9, 1), embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32), **_FLORENCE2)
+    model_args = dict(depths=(1, 1, 9, 1), embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32),
+                      **_FLORENCE2)
     return _create_davit("davit_base_fl", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def davit_huge_fl(pretrained: bool = False, **kwargs) -> DaVit:
     # the image tower of Florence-2-large
-    model_args = dict(depths=(1, 1, 9, 1), embed_dims=(256, 512, 1024, 2048), num_heads=(8, 16, 32, 64), **_FLORENCE2)
+    model_args = dict(depths=(1, 1, 9, 1), embed_dims=(256, 512, 1024, 2048), num_heads=(8, 16, 32, 64),
+                      **_FLORENCE2)
     return _create_davit("davit_huge_fl", pretrained=pretrained, **dict(model_args, **kwargs))

@@ -1,4 +1,4 @@
-"""DaViT on attnzoo kernels against timm's own DaVit class with the same weights, and the timm model surface."""
+"""DaViT on attnzoo kernels against timm's own DaVit class with the same weights; the timm model surface."""
 from __future__ import annotations
 
 import re
@@ -65,7 +65,8 @@ def test_matches_timm(name, size):
         ref_f, ours_f = _pair(name, features_only=True)
         assert ours_f.feature_info.get_dicts() == ref_f.feature_info.get_dicts()
         for a, b in zip(ours_f(x), ref_f(x), strict=True):
-            assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-4
+            # the residual stream of a randomly initialised deep stage grows to ~1e3: 1e-4 relative there
+            assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-4 * max(1.0, b.abs().max().item())
 
 
 def test_pretrained_from_hub_puts_timms_weights_in_ours(offline_hub):
@@ -81,7 +82,8 @@ def _to_msft_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     """timm's key layout written back in the official dingmyu/davit one."""
     out = {}
     for key, value in state_dict.items():
-        key = re.sub(r"^stem\.(conv|norm)", lambda m: f"patch_embeds.0.{'proj' if m[1] == 'conv' else 'norm'}", key)
+        key = re.sub(r"^stem\.conv", "patch_embeds.0.proj", key)
+        key = re.sub(r"^stem\.norm", "patch_embeds.0.norm", key)
         key = re.sub(r"^stages\.(\d+)\.downsample\.conv", r"patch_embeds.\1.proj", key)
         key = re.sub(r"^stages\.(\d+)\.downsample\.norm", r"patch_embeds.\1.norm", key)
         key = re.sub(r"^stages\.(\d+)\.blocks", r"main_blocks.\1", key)
@@ -120,7 +122,7 @@ def test_non_tiling_input():
     model = timm.create_model("davit_tiny", features_only=True).eval()
     with torch.no_grad(), use_backend("torch"):
         maps = model(torch.randn(1, 3, 230, 250))
-    # stride-4 stem and stride-2 downsampling each pad up, so every map is the ceiling of the input / reduction
+    # the stride-4 stem and stride-2 downsampling pad up: each map is the ceiling of input size / reduction
     assert [tuple(m.shape[2:]) for m in maps] == [(58, 63), (29, 32), (15, 16), (8, 8)]
     assert all(torch.isfinite(m).all() for m in maps)
 
@@ -193,7 +195,8 @@ def test_model_surface():
 
 def test_wrong_channel_count_is_a_clear_error():
     model = timm.create_model("davit_tiny")
-    with pytest.raises(ValueError, match=r"davit_tiny: input `x` must be an image batch \[B, 3, H, W\].*\[1, 4, 64, 64\]"):
+    expected = r"davit_tiny: input `x` must be an image batch \[B, 3, H, W\].*got \[1, 4, 64, 64\]"
+    with pytest.raises(ValueError, match=expected):
         model(torch.randn(1, 4, 64, 64))
     with pytest.raises(ValueError, match=r"davit_tiny: input `x`"):
         model.forward_intermediates(torch.randn(3, 64, 64))

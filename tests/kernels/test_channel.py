@@ -28,7 +28,7 @@ def _run(fn, q, k, v, d_out):
 
 
 def _assert_close(got, want, dtype, what):
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         assert g.dtype == w.dtype == dtype and g.shape == w.shape
         err = (g.float() - w.float()).abs().max().item()
         bound = TOL[dtype] * max(1.0, w.float().abs().max().item())
@@ -53,7 +53,7 @@ def test_triton_matches_reference(dtype, shape, transposed_q):
 
 @pytest.mark.parametrize("block_n,splits", [(16, 3), (16, 13), (32, 1)])
 def test_triton_split_n_reduction(block_n, splits):
-    """The kᵀv and doutᵀq sums spread over several programs, several N-blocks each, with a ragged last block."""
+    """The kᵀv and doutᵀq sums split over several programs of several N-blocks each, the last block ragged."""
     q, k, v = _inputs(2, 2, 200, 32, torch.float32, seed=2)
     d_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
     got = _run(lambda *t: fused.channel_attention_fused(*t, 0.3, block_n, splits), q, k, v, d_out)
@@ -98,8 +98,8 @@ def test_reference_matches_timm_channel_attention():
 
 
 @pytest.mark.parametrize("args,kwargs,match", [
-    ((torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)), {}, r"`q` must be 4-D \[B, G, N, d\]"),
-    ((torch.randn(1, 2, 8, 4), torch.randn(1, 2, 9, 4), torch.randn(1, 2, 8, 4)), {}, "`k` must have the shape"),
+    ((torch.randn(2, 3, 8),) * 3, {}, r"`q` must be 4-D \[B, G, N, d\]"),
+    ((torch.randn(1, 2, 8, 4), torch.randn(1, 2, 9, 4), torch.randn(1, 2, 8, 4)), {}, "`k` must have the"),
     ((torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4).half(), torch.randn(1, 2, 8, 4)), {}, "`k` has dtype"),
     ((torch.ones(1, 2, 8, 4, dtype=torch.long),) * 3, {}, "`q` must be a floating-point tensor"),
     ((torch.randn(1, 2, 8, 4),) * 3, {"scale": torch.tensor(0.5)}, "`scale` must be a Python number"),

@@ -58,8 +58,8 @@ def _check(q, k, v, scale) -> None:
     for name, t in (("k", k), ("v", v)):
         check_same(OP, "q", q, name, t)
         if t.shape != q.shape:
-            raise ValueError(f"{OP}: `{name}` must have the shape of `q` [B, G, N, hd] = {shape_str(q.shape)}, "
-                             f"got {shape_str(t.shape)}")
+            raise ValueError(f"{OP}: `{name}` must have the shape of `q` [B, G, N, hd] = "
+                             f"{shape_str(q.shape)}, got {shape_str(t.shape)}")
     if q.numel() == 0:
         raise ValueError(f"{OP}: `q` must not be empty, got shape {shape_str(q.shape)}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):

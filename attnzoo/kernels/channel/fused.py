@@ -2,14 +2,14 @@
 
 Per (image, group) the op is three small steps around one hd × hd state:
 
-    forward    S = kᵀ v (split-N, fp32)        A = softmax(scale · S)         out = q Aᵀ
-    backward   dA = doutᵀ q (split-N, fp32)    dS = A ⊙ (dA − rowsum(dA ⊙ A))  dq = dout A,
-                                                                               dk = scale · v dSᵀ, dv = scale · k dS
+    forward    S = kᵀ v (split-N, fp32)       A = softmax(scale · S)           out = q Aᵀ
+    backward   dA = doutᵀ q (split-N, fp32)   dS = A ⊙ (dA − rowsum(dA ⊙ A))   dq = dout A,
+                                                                  dk = scale · v dSᵀ,  dv = scale · k dS
 
-The two sums over all N tokens run as ``_outer_sum_kernel``: each program reduces a run of N-blocks into a fp32
-partial state, written to its own slot so the sum is deterministic (no atomics). The ``_apply`` kernels then sum
-those few partials, do the softmax (or its backward) on the hd × hd state in registers, and stream the tokens
-once. Only A (hd × hd per group, fp32) is kept for the backward; everything else is recomputed.
+The two sums over all N tokens run as ``_outer_sum_kernel``: each program reduces a run of N-blocks into a
+fp32 partial state, written to its own slot so the sum is deterministic (no atomics). The ``_apply`` kernels
+then sum those few partials, do the softmax (or its backward) on the hd × hd state in registers, and stream
+the tokens once. Only A (hd × hd per group, fp32) is kept for the backward; everything else is recomputed.
 """
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def _fwd_apply_kernel(
     sqb, sqg, sqn, sqd, sob, sog, son, sod,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    """A = softmax(scale · Σ partials) over its last dim; out = q Aᵀ for one block of tokens; block 0 saves A."""
+    """A = softmax(scale · Σ partials) over its last dim, out = q Aᵀ for one block of tokens; block 0 saves A.
+    """
     bg = tl.program_id(0)
     block = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
@@ -165,7 +166,8 @@ class _Launch:
 
     def outer_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """[B·G, splits, BLOCK_D, BLOCK_D] fp32 partials of xᵀ y."""
-        part = torch.empty(self.BG, self.splits, self.BLOCK_D, self.BLOCK_D, device=x.device, dtype=torch.float32)
+        part = torch.empty(self.BG, self.splits, self.BLOCK_D, self.BLOCK_D, device=x.device,
+                           dtype=torch.float32)
         _outer_sum_kernel[(self.BG, self.splits)](
             x, y, part, x.shape[1], self.N, self.D, self.blocks_per_split, *x.stride(), *y.stride(),
             BLOCK_N=self.BLOCK_N, BLOCK_D=self.BLOCK_D, FP32_DOT=self.fp32_dot, num_warps=self.num_warps)
@@ -209,6 +211,6 @@ class _ChannelAttention(torch.autograd.Function):
 
 
 def channel_attention_fused(q, k, v, scale: float, block_n: int | None = None, splits: int | None = None):
-    """The fused forward and backward. ``block_n`` (tokens per block) and ``splits`` (programs per group in the
-    N-reduction) override the launch heuristics, e.g. to exercise a many-way split on a small input."""
+    """The fused forward and backward. ``block_n`` (tokens per block) and ``splits`` (programs per group in
+    the N-reduction) override the launch heuristics, e.g. to exercise a many-way split on a small input."""
     return _ChannelAttention.apply(q, k, v, scale, block_n, splits)

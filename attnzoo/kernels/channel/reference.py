@@ -18,6 +18,6 @@ def channel_attention_reference(q, k, v, scale: float) -> torch.Tensor:
 
 
 def channel_attention_torch(q, k, v, scale: float) -> torch.Tensor:
-    """The same in the input dtype, with the scale on the small hd × hd state instead of on the N × hd keys."""
+    """The same in the input dtype, the scale on the small hd × hd state instead of on the N × hd keys."""
     attn = (k.transpose(-2, -1) @ v).mul(scale).softmax(dim=-1)
     return q @ attn.transpose(-2, -1)
