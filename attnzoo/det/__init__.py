@@ -1,1 +1,30 @@
-"""mmdetection / mmsegmentation integration."""
+"""mmdetection / mmsegmentation integration.
+
+Importing this module (configs do it through ``custom_imports=dict(imports=['attnzoo.det'])``)
+
+1. puts a stand-in for mmcv's compiled ops in place when only mmcv-lite is installed (:mod:`attnzoo.det.ops`),
+   before mmdet or mmseg import ``mmcv.ops``;
+2. registers :class:`AttnzooBackbone` (any timm / attnzoo model by name) in mmdet's and mmseg's ``MODELS``;
+3. allow-lists what mmengine's checkpoints pickle, so ``Runner(resume=True)`` and ``load_checkpoint`` work under
+   torch's ``weights_only=True`` default (:mod:`attnzoo.det.checkpoint`).
+
+The rest of attnzoo never imports mmdet or mmseg.
+"""
+import importlib.util
+
+from . import ops
+
+ops.install()
+
+from . import checkpoint  # noqa: E402
+from .backbone import AttnzooBackbone, register  # noqa: E402
+
+checkpoint.allow_mmengine_globals()
+
+_registries = []
+for _package in ("mmdet", "mmseg"):
+    if importlib.util.find_spec(_package) is not None:
+        _registries.append(importlib.import_module(f"{_package}.registry").MODELS)
+register(*_registries)
+
+__all__ = ["AttnzooBackbone", "ops", "checkpoint"]

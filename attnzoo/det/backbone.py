@@ -1,0 +1,150 @@
+"""Any timm model (attnzoo's included) as an mmdetection / mmsegmentation backbone.
+
+    backbone=dict(type='AttnzooBackbone', model_name='davit_tiny', out_indices=(0, 1, 2, 3),
+                  drop_path_rate=0.2, frozen_stages=-1, with_cp=False,
+                  init_cfg=dict(type='Pretrained', checkpoint='timm/davit_tiny.msft_in1k'))
+
+The model is timm's ``features_only`` wrapper of ``model_name``; ``out_indices`` index its ``feature_info`` (timm's
+numbering: for DaViT 0-3 are strides 4-32, for MaxViT and HaloNet 0 is the stride-2 stem and 1-4 are strides 4-32).
+``out_channels`` and ``out_strides`` give what the neck receives.
+
+``init_cfg=dict(type='Pretrained', checkpoint=...)`` loads classification weights through timm, so each model's
+``checkpoint_filter_fn`` converts them and the classifier is dropped. ``checkpoint`` is
+
+* a local file: ``.safetensors``, or a ``.pth``/``.bin`` read with ``torch.load(weights_only=True)``;
+* a Hugging Face Hub repository, ``hf-hub:ORG/NAME``;
+* a timm pretrained tag of the same architecture: ``timm/davit_tiny.msft_in1k``, ``davit_tiny.msft_in1k``, or
+  ``timm`` for the model's default tag.
+
+Weights load in :meth:`init_weights` (which mmengine's Runner calls), so building a config never downloads.
+"""
+from __future__ import annotations
+
+import os
+
+import timm
+import torch
+from mmengine.model import BaseModule
+from torch import nn
+
+__all__ = ["AttnzooBackbone"]
+
+
+class AttnzooBackbone(BaseModule):
+    """A timm model's multi-scale features for a detection or segmentation neck.
+
+    Args:
+        model_name: a timm model name, e.g. ``davit_tiny``, ``maxvit_tiny_tf_224``, ``halonet26t``.
+        out_indices: which of the model's ``feature_info`` levels to return.
+        drop_path_rate: stochastic depth rate of the model.
+        frozen_stages: -1 trains everything; 0 freezes the stem; k >= 1 freezes the stem and the first k stages
+            (the modules up to the stride-4 · 2^(k-1) feature).
+        with_cp: gradient checkpointing (timm's ``set_grad_checkpointing``), trading compute for memory.
+        init_cfg: mmengine init config; ``dict(type='Pretrained', checkpoint=...)`` loads classification weights.
+        **model_kwargs: passed to ``timm.create_model`` (e.g. ``img_size``).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        out_indices: tuple[int, ...] = (0, 1, 2, 3),
+        drop_path_rate: float = 0.0,
+        frozen_stages: int = -1,
+        with_cp: bool = False,
+        init_cfg: dict | None = None,
+        **model_kwargs,
+    ):
+        super().__init__(init_cfg)
+        if not timm.is_model(model_name):
+            raise ValueError(f"AttnzooBackbone: `model_name`={model_name!r} is not a timm model; expected a name "
+                             f"from timm.list_models() (import attnzoo first for attnzoo's models)")
+        self.model_name = model_name
+        self._model_kwargs = dict(features_only=True, out_indices=tuple(out_indices),
+                                  drop_path_rate=drop_path_rate, **model_kwargs)
+        try:
+            self.model = timm.create_model(model_name, **self._model_kwargs)
+        except IndexError as e:  # timm's message for an index past the last feature level is a bare IndexError
+            raise ValueError(f"AttnzooBackbone({model_name}): `out_indices`={tuple(out_indices)} is out of range; "
+                             f"{model_name} has feature levels 0..{self._num_levels() - 1}") from e
+        info = self.model.feature_info
+        self.out_channels = tuple(info.channels())
+        self.out_strides = tuple(info.reduction())
+        self.frozen_stages = frozen_stages
+        self._frozen = self._modules_before_stage(frozen_stages)
+        self.model.set_grad_checkpointing(with_cp)
+        self._freeze()
+
+    def _num_levels(self) -> int:
+        return len(timm.create_model(self.model_name, features_only=True, pretrained=False).feature_info)
+
+    def _modules_before_stage(self, frozen_stages: int) -> list[nn.Module]:
+        """The top-level modules that run before the output of stage ``frozen_stages`` (stem = stage 0)."""
+        if frozen_stages < 0:
+            return []
+        # feature levels at stride >= 4 are the stages; timm's features_only wrapper names its children after
+        # the modules in feature_info with '.' -> '_'
+        stages = [f["module"].replace(".", "_") for f in self.model.feature_info.info if f["reduction"] >= 4]
+        if frozen_stages > len(stages):
+            raise ValueError(f"AttnzooBackbone({self.model_name}): `frozen_stages`={frozen_stages} exceeds its "
+                             f"{len(stages)} stages; expected -1..{len(stages)}")
+        children = list(self.model.named_children())
+        names = [n for n, _ in children]
+        if frozen_stages == 0:
+            end = names.index(stages[0])
+        else:
+            if stages[frozen_stages - 1] not in names:
+                raise ValueError(f"AttnzooBackbone({self.model_name}): `frozen_stages`={frozen_stages} reaches past "
+                                 f"the last stage kept by `out_indices`")
+            end = names.index(stages[frozen_stages - 1]) + 1
+        return [m for _, m in children[:end]]
+
+    def _freeze(self) -> None:
+        for m in self._frozen:
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze()  # frozen stages keep their normalisation statistics
+        return self
+
+    def init_weights(self) -> None:
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get("type") == "Pretrained":
+            self.load_pretrained(cfg["checkpoint"])
+            self._is_init = True
+        else:
+            super().init_weights()
+
+    def load_pretrained(self, checkpoint: str) -> None:
+        """Load classification weights (see the module docstring for what ``checkpoint`` may be)."""
+        name, overlay = self._source(checkpoint)
+        source = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **self._model_kwargs)
+        self.model.load_state_dict(source.state_dict())
+
+    def _source(self, checkpoint: str) -> tuple[str, dict]:
+        """(timm model name, pretrained_cfg overlay) that make timm load ``checkpoint``."""
+        if os.path.isfile(checkpoint):
+            return self.model_name, dict(file=os.path.abspath(checkpoint))
+        if checkpoint.startswith("hf-hub:"):
+            return self.model_name, dict(source="hf-hub", hf_hub_id=checkpoint.removeprefix("hf-hub:"))
+        arch = timm.models.get_arch_name(self.model_name)
+        name = checkpoint.removeprefix("timm/")
+        if name == "timm":
+            name = self.model_name
+        if timm.models.get_arch_name(name) != arch or timm.models.get_pretrained_cfg(name) is None:
+            raise ValueError(
+                f"AttnzooBackbone({self.model_name}): init_cfg checkpoint={checkpoint!r} is neither an existing "
+                f"file nor 'hf-hub:ORG/NAME' nor a timm pretrained tag of {arch}; expected e.g. one of "
+                f"{timm.list_pretrained(arch + '.*') or ['a file path']}"
+            )
+        return name, {}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.model(x))
+
+
+def register(*registries) -> None:
+    for registry in registries:
+        registry.register_module(module=AttnzooBackbone, force=True)
