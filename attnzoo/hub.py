@@ -1,0 +1,118 @@
+"""Models by name and weights on disk, in timm's Hugging Face Hub layout, for the tools.
+
+A Hub folder is what ``timm.create_model("hf-hub:ORG/NAME")`` and ``timm.create_model("local-dir:PATH")`` load:
+``config.json`` (architecture, model_args, pretrained_cfg) + ``model.safetensors`` + a ``README.md`` model card.
+Writing it is timm's own ``save_for_hf``; this module adds the checks and messages a command-line user needs,
+and writes folders and files so that a crash never leaves one half-written.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.models._hub import generate_readme, save_for_hf
+
+__all__ = ["InputError", "atomic_dir", "check_model_name", "load_weights", "read_state_dict", "save_hub_folder"]
+
+_SOURCES = ("hf-hub:", "local-dir:")
+
+
+class InputError(ValueError):
+    """Bad input from the user of a tool (a missing folder, an unknown model, weights that do not fit).
+
+    The tools print its message and exit with status 2 instead of a traceback.
+    """
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if timm can build it (a registered model, ``hf-hub:`` or ``local-dir:``), else an InputError
+    listing the closest registered names."""
+    if name.startswith(_SOURCES):
+        if name.startswith("local-dir:") and not (Path(name[len("local-dir:"):]) / "config.json").is_file():
+            raise InputError(f"model {name!r}: no config.json in that folder (expected timm's Hub layout)")
+        return name
+    if timm.is_model(name.split(".")[0]):  # "arch" or "arch.tag"
+        return name
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; closest registered names: {', '.join(close)}" if close else ""
+    raise InputError(f"model {name!r} is not registered with timm (nor attnzoo){hint}")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a ``.pth``/``.pt``/``.bin`` file loaded with
+    ``weights_only=True`` (its ``state_dict``/``model`` entry when it wraps one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def _key_report(label: str, keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+    return f"\n  {label}: {shown}"
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike,
+                 filter_fn: Callable[[dict, torch.nn.Module], dict] | None = None) -> None:
+    """Load the weights at ``path`` into ``model`` strictly (after ``filter_fn(state_dict, model)``, e.g. the
+    model's ``checkpoint_filter_fn`` for the authors' layout); an InputError names the keys that do not fit."""
+    state_dict = read_state_dict(path)
+    if filter_fn is not None:
+        state_dict = filter_fn(state_dict, model)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+        report = "".join(_key_report(label, keys) for label, keys in (
+            ("missing from the checkpoint", missing), ("not in the model", unexpected),
+            ("shape (checkpoint vs model)", mismatched)) if keys)
+        raise InputError(f"checkpoint {path} does not fit model {name}:{report}")
+    model.load_state_dict(state_dict)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` that becomes ``path`` only when the block succeeds."""
+    path = Path(path)
+    if path.exists() and not overwrite and any(path.iterdir()):
+        raise InputError(f"output folder {path} exists and is not empty")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_hub_folder(model: torch.nn.Module, folder: str | os.PathLike, *, label_names: list[str] | None = None,
+                    card: dict | None = None, data_config: dict | None = None, overwrite: bool = False) -> Path:
+    """Write ``model`` in timm's Hub layout (config.json, model.safetensors, README.md), atomically.
+
+    ``card`` is timm's model-card dict (``description``, ``details`` such as ``{"Top-1": ...}``, ...).
+    """
+    folder = Path(folder)
+    model_config = {"label_names": list(label_names)} if label_names else None
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
+        save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
+        (tmp / "README.md").write_text(generate_readme(card or {}, folder.name), encoding="utf-8")
+    return folder

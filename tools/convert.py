@@ -1,0 +1,70 @@
+"""Convert an authors' checkpoint to timm's Hub layout through the model's ``checkpoint_filter_fn``.
+
+    python tools/convert.py davit_tiny DaViT-tiny.pth --out hub/davit_tiny_msft
+    python tools/convert.py davit_tiny DaViT-tiny.pth --out hub/x --model-args '{"num_classes": 1000}'
+
+The checkpoint (``.pth`` read with ``weights_only=True``, or ``.safetensors``) goes through the
+``checkpoint_filter_fn`` of the model's family (the one timm applies to that family's pretrained files), must
+then fit the model exactly (an error lists the keys that do not), and is written as config.json +
+model.safetensors + README.md; ``timm.create_model("local-dir:OUT", pretrained=True)`` loads the result, and
+tools/publish.py's ``--repo`` or ``huggingface-cli upload`` pushes it. For checkpoints of tools/train.py use
+tools/publish.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import attnzoo  # noqa: E402,F401  (registers attnzoo's models with timm)
+from attnzoo.hub import InputError, check_model_name, load_weights, save_hub_folder  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="registered model name (timm's or attnzoo's)")
+    p.add_argument("checkpoint", help="the authors' weights (.pth, .pt, .bin or .safetensors)")
+    p.add_argument("--out", required=True, help="the Hub folder to write")
+    p.add_argument("--model-args", default="{}", type=json.loads, metavar="JSON",
+                   help="keyword arguments for timm.create_model (e.g. num_classes of the checkpoint's head)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return p.parse_args(argv)
+
+
+def filter_fn_of(model: torch.nn.Module) -> Callable | None:
+    """The ``checkpoint_filter_fn`` beside the model's class, or beside the timm class it derives from."""
+    for cls in type(model).__mro__:
+        fn = getattr(sys.modules.get(cls.__module__), "checkpoint_filter_fn", None)
+        if fn is not None:
+            return fn
+    return None
+
+
+def convert(model_name: str, checkpoint: Path, out: Path, model_args: dict, overwrite: bool = False) -> Path:
+    model = timm.create_model(check_model_name(model_name), **model_args)
+    load_weights(model, checkpoint, filter_fn=filter_fn_of(model))
+    card = {"description": f"{model_name} with the weights of {checkpoint.name}, converted to timm's layout "
+                           "by attnzoo's tools/convert.py.",
+            "details": {"Model Type": "Image classification / feature backbone", "Source": checkpoint.name}}
+    return save_hub_folder(model, out, card=card, overwrite=overwrite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        folder = convert(args.model, Path(args.checkpoint), Path(args.out), args.model_args, args.overwrite)
+    except InputError as e:
+        print(f"convert.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {folder}: load it with timm.create_model('local-dir:{folder}', pretrained=True)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Top-1/top-5 accuracy and throughput of a classifier on an ImageNet-style folder.
+
+    python tools/eval.py davit_tiny DATA                          # a tag: timm's/attnzoo's pretrained weights
+    python tools/eval.py local-dir:runs/demo/hub DATA             # a folder in timm's Hub layout (tools/publish.py)
+    python tools/eval.py hf-hub:ORG/NAME DATA
+    python tools/eval.py davit_tiny DATA --checkpoint model.safetensors --model-args '{"embed_dims": [...]}'
+
+Labels: when the model names its classes (``label_names`` in its config, as the Hub folders written by
+tools/publish.py do) the folder's sub-folders are matched to them by name; otherwise the sorted sub-folder
+names are the label indices. Throughput is images per second of the model's forward pass alone (after two
+warm-up batches), and of the whole loop including data loading.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+from timm.utils import accuracy
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import attnzoo  # noqa: E402,F401  (registers attnzoo's models with timm)
+from attnzoo.data import class_names, image_folder  # noqa: E402
+from attnzoo.hub import InputError, check_model_name, load_weights  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="timm/attnzoo name (pretrained), hf-hub:ORG/NAME or local-dir:PATH")
+    p.add_argument("data", help="ImageNet-style folder")
+    p.add_argument("--split", default="val", help="sub-folder to evaluate (default: val)")
+    p.add_argument("--checkpoint", help="weights (.safetensors or .pth) instead of the pretrained ones")
+    p.add_argument("--model-args", default="{}", type=json.loads, metavar="JSON",
+                   help="extra keyword arguments for timm.create_model")
+    p.add_argument("--img-size", type=int, help="input size (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--out", help="also write the results to this JSON file")
+    return p.parse_args(argv)
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    name = check_model_name(args.model)
+    kwargs = dict(args.model_args)
+    if args.checkpoint:  # the checkpoint's head decides the classes: one per sub-folder
+        model = timm.create_model(name, num_classes=num_classes, **kwargs)
+        load_weights(model, args.checkpoint)
+        return model
+    return timm.create_model(name, pretrained=True, **kwargs)
+
+
+def label_map(model: torch.nn.Module, folder_classes: list[str]) -> dict[str, int] | None:
+    """Folder class -> model output index, by name when the model names its classes."""
+    names = model.pretrained_cfg.get("label_names")
+    if not names:
+        if len(folder_classes) > model.num_classes:
+            raise InputError(f"the folder has {len(folder_classes)} classes but model {_name(model)} predicts "
+                             f"{model.num_classes}")
+        return None
+    index = {name: i for i, name in enumerate(names)}
+    unknown = [c for c in folder_classes if c not in index]
+    if unknown:
+        raise InputError(f"model {_name(model)} has no class named {', '.join(unknown[:5])} "
+                         f"(its classes: {', '.join(list(names)[:10])})")
+    return {c: index[c] for c in folder_classes}
+
+
+def _name(model: torch.nn.Module) -> str:
+    return model.pretrained_cfg.get("architecture", type(model).__name__)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    model.eval()
+    hits1 = hits5 = n = 0
+    model_seconds, warmup = 0.0, 2
+    started = time.perf_counter()
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(device), y.to(device)
+        t = time.perf_counter()
+        out = model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            model_seconds += time.perf_counter() - t
+        top1, top5 = accuracy(out, y, topk=(1, 5))
+        hits1, hits5, n = hits1 + top1.item() * len(y) / 100, hits5 + top5.item() * len(y) / 100, n + len(y)
+    timed = n - warmup * loader.batch_size
+    return {"images": n, "top1": 100 * hits1 / n, "top5": 100 * hits5 / n,
+            "model_img_per_s": timed / model_seconds if model_seconds else float("nan"),
+            "loop_img_per_s": n / (time.perf_counter() - started)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        dataset, skipped = image_folder(args.data, args.split)
+        model = build_model(args, len(class_names(dataset)))
+        mapping = label_map(model, class_names(dataset))
+        if mapping is not None:
+            dataset, skipped = image_folder(args.data, args.split, class_to_idx=mapping)
+        if skipped:
+            print(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
+        data_config = resolve_data_config(model=model)
+        if args.img_size:
+            data_config["input_size"] = (3, args.img_size, args.img_size)
+        dataset.transform = create_transform(**data_config, is_training=False)
+    except InputError as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                        pin_memory=device.type == "cuda")
+    results = {"model": args.model, "data": str(Path(args.data) / args.split), "skipped": len(skipped),
+               **evaluate(model.to(device), loader, device)}
+    print(json.dumps(results, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

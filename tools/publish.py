@@ -1,0 +1,122 @@
+"""Turn a training checkpoint of tools/train.py into timm's Hub layout, check that timm loads it back, and
+optionally push it to the Hugging Face Hub.
+
+    python tools/publish.py runs/demo --out runs/demo/hub                  # the run's last checkpoint
+    python tools/publish.py runs/demo --out runs/demo/hub --ema --repo ORG/NAME
+
+The folder (config.json with the pretrained_cfg and the class names, model.safetensors, README.md with the
+run's measured top-1/top-5) is written atomically, then loaded with
+``timm.create_model("local-dir:OUT", pretrained=True)``; the reloaded model must give the same predictions as
+the checkpoint's, on the run's own val images when they are still there. Afterwards
+``timm.create_model("hf-hub:ORG/NAME", pretrained=True)`` loads the pushed copy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from timm.data import create_transform
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import attnzoo  # noqa: E402,F401  (registers attnzoo's models with timm)
+from attnzoo.data import image_folder  # noqa: E402
+from attnzoo.hub import InputError, check_model_name, load_weights, save_hub_folder  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="a run folder of tools/train.py (its last checkpoint) or a checkpoint folder")
+    p.add_argument("--out", required=True, help="the Hub folder to write")
+    p.add_argument("--ema", action="store_true", help="publish the EMA weights")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--repo", help="also upload the folder to this Hugging Face Hub repo (ORG/NAME)")
+    p.add_argument("--private", action="store_true", help="create --repo as a private repo")
+    return p.parse_args(argv)
+
+
+def find_checkpoint(path: Path) -> Path:
+    if (path / "checkpoints" / "last.json").is_file():
+        return path / "checkpoints" / json.loads((path / "checkpoints" / "last.json").read_text())["checkpoint"]
+    if (path / "state.json").is_file():
+        return path
+    raise InputError(f"{path} is neither a run folder of tools/train.py (with checkpoints/last.json) nor a "
+                     "checkpoint folder (with state.json)")
+
+
+def sample_inputs(state: dict, n: int = 16) -> torch.Tensor:
+    """The first ``n`` val images of the run, transformed as eval does; random images if the data is gone."""
+    config = state["data_config"]
+    try:
+        dataset, _ = image_folder(state["args"]["data"], "val",
+                                  transform=create_transform(**config, is_training=False))
+        return torch.stack([dataset[i][0] for i in range(0, len(dataset), max(1, len(dataset) // n))][:n])
+    except InputError:
+        return torch.randn(n, *config["input_size"], generator=torch.Generator().manual_seed(0))
+
+
+def publish(checkpoint: Path, out: Path, ema: bool = False, overwrite: bool = False) -> tuple[Path, dict]:
+    """Write the Hub folder and check the reload; returns it and the numbers that went into the card."""
+    state = json.loads((checkpoint / "state.json").read_text())
+    args, classes, metrics = state["args"], state["classes"], state["metrics"]
+    weights = checkpoint / ("ema.safetensors" if ema else "model.safetensors")
+    if not weights.is_file():
+        raise InputError(f"{weights} does not exist" + (" (the run kept no EMA: --ema-decay 0)" if ema else ""))
+    model = timm.create_model(check_model_name(args["model"]), num_classes=len(classes), **args["model_args"])
+    load_weights(model, weights)
+    model.eval()
+    prefix = "ema_" if ema else ""
+    numbers = {f"Top-1 ({Path(args['data']).name} val)": metrics.get(f"{prefix}top1"),
+               f"Top-5 ({Path(args['data']).name} val)": metrics.get(f"{prefix}top5")}
+    card = {
+        "description": f"{args['model']} fine-tuned with attnzoo's tools/train.py on {Path(args['data']).name}.",
+        "details": {
+            "Model Type": "Image classification", "Dataset": Path(args["data"]).name,
+            "Classes": ", ".join(classes), "Steps": state["step"], "Epochs": state["epoch"],
+            "Weights": "EMA" if ema else "final",
+            **{k: f"{v:.2f}%" for k, v in numbers.items() if v is not None},
+        },
+        "usage": f"```python\nimport attnzoo, timm\nmodel = timm.create_model('hf-hub:ORG/{out.name}', "
+                 "pretrained=True)\n```",
+    }
+    data_config = {k: state["data_config"][k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct",
+                                                        "crop_mode") if k in state["data_config"]}
+    save_hub_folder(model, out, label_names=classes, card=card, data_config=data_config, overwrite=overwrite)
+
+    reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = sample_inputs(state)
+    with torch.no_grad():
+        ours, theirs = model(x), reloaded(x)
+    if not torch.equal(ours.argmax(-1), theirs.argmax(-1)) or not torch.allclose(ours, theirs, atol=1e-5):
+        raise RuntimeError(f"{out} reloaded through timm gives different predictions from {weights}")
+    return out, {"checked_images": len(x), **numbers}
+
+
+def push(folder: Path, repo: str, private: bool) -> str:
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo, private=private, exist_ok=True).repo_id
+    return upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Add model (attnzoo publish)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        folder, numbers = publish(find_checkpoint(Path(args.checkpoint)), Path(args.out), args.ema, args.overwrite)
+    except InputError as e:
+        print(f"publish.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {folder} (config.json, model.safetensors, README.md)")
+    print(f"reloaded with timm.create_model('local-dir:{folder}', pretrained=True): same predictions on "
+          f"{numbers.pop('checked_images')} images; " + ", ".join(f"{k} {v:.2f}%" for k, v in numbers.items()
+                                                                  if v is not None))
+    if args.repo:
+        print(f"pushed: {push(folder, args.repo, args.private)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
