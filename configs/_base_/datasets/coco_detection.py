@@ -1,0 +1,1 @@
+_base_ = 'mmdet::_base_/datasets/coco_detection.py'

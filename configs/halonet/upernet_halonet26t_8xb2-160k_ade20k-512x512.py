@@ -1,0 +1,15 @@
+# HaloNet (timm's halonet26t). The paper's COCO numbers were not published with code; the heads use the
+# hierarchical-transformer recipe. Halo attention needs every feature map divisible by its block size 8, so
+# inputs are padded to multiples of 256 (stride 32 x 8). out_indices 1-4: feature level 0 is the stride-2 stem.
+_base_ = [
+    '../_base_/models/upernet_attnzoo.py', '../_base_/datasets/ade20k.py',
+    '../_base_/schedules/adamw_160k.py', '../_base_/default_runtime_seg.py',
+]
+crop_size = (512, 512)
+model = dict(
+    data_preprocessor=dict(size=crop_size, test_cfg=dict(size_divisor=256)),
+    backbone=dict(model_name='halonet26t', out_indices=(1, 2, 3, 4), drop_path_rate=0.1,
+                  init_cfg=dict(type='Pretrained', checkpoint='timm/halonet26t.a1h_in1k')),
+    decode_head=dict(in_channels=[256, 512, 1024, 2048]),
+    auxiliary_head=dict(in_channels=1024))
+train_dataloader = dict(batch_size=2)  # 8 GPUs x 2 images
