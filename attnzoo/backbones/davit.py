@@ -187,7 +187,7 @@ class DaVit(timm_davit.DaVit):
                 nn.Sequential(halves) if named_blocks else nn.Sequential(*halves.values())
                 for halves in dual_blocks
             ))
-        self.stages.apply(self._init_weights)
+            stage.blocks.apply(self._init_weights)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
