@@ -7,8 +7,8 @@
 
 Labels: when the model names its classes (``label_names`` in its config, as the Hub folders written by
 tools/publish.py do) the folder's sub-folders are matched to them by name; otherwise the sorted sub-folder
-names are the label indices. Throughput is images per second of the model's forward pass alone (after two
-warm-up batches), and of the whole loop including data loading.
+names are the label indices. Throughput is images per second of the model's forward pass alone (after one
+warm-up batch), and of the whole loop including data loading.
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def _name(model: torch.nn.Module) -> str:
 def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
     model.eval()
     hits1 = hits5 = n = 0
-    model_seconds, warmup = 0.0, 2
+    model_seconds, warmup = 0.0, 1 if len(loader) > 1 else 0  # the first batch pays for one-off set-up
     started = time.perf_counter()
     for i, (x, y) in enumerate(loader):
         x, y = x.to(device), y.to(device)
