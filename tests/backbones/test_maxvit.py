@@ -54,7 +54,13 @@ def test_matches_timm(name):
     ref, ours = _timm_and_ours(name)
     assert isinstance(ours, maxvit.MaxVit)
     size = ref.pretrained_cfg["input_size"][1:]
-    x = torch.randn(1, 3, *size)
+    # At random init the 14-block third stage of base/large/xlarge grows the residual stream to ~4e3, where
+    # one fp32 ulp is ~5e-4: no two implementations that are not bit-identical agree to 1e-4 there. In fp64
+    # the same 1e-4 check still exposes any real difference (measured: 1.5e-12 on maxvit_base_tf_224).
+    dtype = torch.float64 if name.startswith(("maxvit_base_tf", "maxvit_large_tf", "maxvit_xlarge_tf")) else None
+    if dtype is not None:
+        ref, ours = ref.to(dtype), ours.to(dtype)
+    x = torch.randn(1, 3, *size, dtype=dtype)
     with torch.no_grad(), use_backend("torch"), trace() as calls:
         logits = ours(x)
         expected = ref(x)
@@ -67,6 +73,8 @@ def test_matches_timm(name):
     ours_features = timm.create_model(name, features_only=True).eval()
     ref_features.load_state_dict(ref.state_dict(), strict=False)
     ours_features.load_state_dict(ref_features.state_dict(), strict=True)
+    if dtype is not None:
+        ref_features, ours_features = ref_features.to(dtype), ours_features.to(dtype)
     with torch.no_grad(), use_backend("torch"):
         maps, expected_maps = ours_features(x), ref_features(x)
     assert [m.shape for m in maps] == [m.shape for m in expected_maps]
