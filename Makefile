@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.attnzoo-installed
 # pytest arguments, e.g. `make test PYTEST_ARGS="-k window -x"`
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow test-cuda benchmark demo lint clean
+.PHONY: setup test test-slow test-cuda benchmark demo lint clean mmcv-full
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ $(PY):
 
 # Re-runs only when the dependency lists change, so a second `make test` installs nothing.
 $(STAMP): pyproject.toml constraints.txt | $(PY)
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,det]"
 	touch $@
 
 test: $(STAMP)
@@ -34,6 +34,15 @@ benchmark: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) tools/benchmark.py --quick
+
+# opt-in: mmcv 2.1.0 with its compiled ops (deformable convolution and the rest), replacing mmcv-lite; about 20 min
+# on 2 cores. torch >= 2.14 headers need C++20 but mmcv's setup.py asks for C++17: a g++ wrapper swaps the flag.
+mmcv-full: $(STAMP)
+	printf '#!/bin/bash\nargs=(); for a in "$$@"; do [[ $$a == -std=c++1[47] ]] && args+=(-std=c++20) || args+=("$$a"); done\nexec g++ "$${args[@]}"\n' > $(VENV)/cxx20
+	chmod +x $(VENV)/cxx20
+	$(PY) -m pip uninstall -y mmcv-lite
+	$(PY) -m pip install -c constraints.txt wheel ninja
+	MMCV_WITH_OPS=1 FORCE_CUDA=0 CXX="$(CURDIR)/$(VENV)/cxx20" $(PY) -m pip install --no-build-isolation mmcv==2.1.0
 
 lint: $(STAMP)
 	$(PY) -m ruff check attnzoo tools tests
