@@ -24,7 +24,7 @@ def test_features_match_timm_features_only_with_same_weights():
         out, ref = backbone(x), reference(x)
     assert backbone.out_channels == (32, 128) and backbone.out_strides == (8, 32)
     assert [o.shape[1:] for o in out] == [(32, 9, 11), (128, 3, 3)]
-    for o, r in zip(out, ref):
+    for o, r in zip(out, ref, strict=True):
         torch.testing.assert_close(o, r)
 
 
