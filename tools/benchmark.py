@@ -1,13 +1,14 @@
 """Speed of attnzoo's attention ops and models, as ratios measured side by side in one run.
 
-Ops, on the shapes of the models that use them: attnzoo's dispatched op ("ours": the fused Triton kernel on
-CUDA, the best PyTorch path elsewhere) against ``F.scaled_dot_product_attention`` with the same bias and against
-the eager formula, forward and forward+backward. Models: img/s of attnzoo's model against timm's own class at
-the same size, inference and a training step (forward+backward).
+Ops, on the shapes of the models that use them (captured from a forward of each model): attnzoo's dispatched
+op ("ours": the fused Triton kernel on CUDA, the best PyTorch path elsewhere) against the op's own `torch` path
+(``F.scaled_dot_product_attention`` with the same bias, or the best plain PyTorch) and its eager `reference`,
+forward and forward+backward. Models: img/s of attnzoo's model against timm's own class at the same size,
+inference and a training step (forward+backward).
 
     python tools/benchmark.py                   # everything; fp32 on CPU, bf16 on CUDA
-    python tools/benchmark.py --quick           # fewer shapes and repeats
-    python tools/benchmark.py --ops window --models davit_tiny --out results.json --md results.md
+    python tools/benchmark.py --quick           # the small models only, shorter timing
+    python tools/benchmark.py --op-models davit_tiny --models none --out results.json --md results.md
 
 Implementations are timed round-robin (one call of each, repeated), so drifting clocks and other load hit
 every one alike; each figure is the median call time. A ratio above 1 means attnzoo is faster.
@@ -15,6 +16,7 @@ every one alike; each figure is the median call time. A ratio above 1 means attn
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import platform
@@ -26,11 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import attnzoo  # noqa: E402  (registers the models with timm)
-from attnzoo.kernels import window_attention  # noqa: E402
+from attnzoo.kernels import use_backend  # noqa: E402
 
 
 @dataclass
@@ -71,52 +72,83 @@ def measure(fns: dict[str, Callable[[], object]], device: torch.device, min_seco
 
 # ---------------------------------------------------------------------------------------------------- ops
 
-def window_eager(q, k, v, bias):
-    """The formula as timm's eager paths write it."""
-    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias
-    return attn.softmax(-1) @ v
+# the models whose attention calls give the op shapes, at their default input size
+OP_SOURCES = ["davit_tiny", "davit_base", "maxvit_tiny_tf_224", "halonet26t", "halonet50ts"]
 
 
-def window_sdpa(q, k, v, bias):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+def capture_op_calls(name: str, batch: int, device, dtype) -> list[tuple[str, tuple, dict]]:
+    """Run `name` once and record every attnzoo op call it makes: (op, args, kwargs), with the real tensors.
 
+    Models call the ops through names bound in their module (``from ..kernels import window_attention``), so
+    those names are wrapped for the duration of one forward.
+    """
+    import timm
 
-def window_shapes(batch: int, quick: bool) -> list[tuple[str, tuple[int, int, int, int]]]:
-    """(label, [B·windows, heads, 49, 32]) for each stage of DaViT-T/B and MaxViT-T at 224 (window 7)."""
-    shapes = []
-    families = {
-        "davit_tiny": (3, 6, 12, 24),  # DaViT-S has DaViT-T's widths: the same shapes
-        "davit_base": (4, 8, 16, 32),
-        "maxvit_tiny (block=grid)": (2, 4, 8, 16),  # block and grid windows share [B, H, 49, 32]
-    }
-    for family, heads in families.items():
-        for stage, h in enumerate(heads):
-            if quick and stage not in (0, 2):
-                continue
-            windows = (56 // 2**stage // 7) ** 2
-            shapes.append((f"{family} s{stage}", (batch * windows, h, 49, 32)))
-    return shapes
+    model = timm.create_model(name).to(device, dtype).eval()
+    module = sys.modules[type(model).__module__]
+    ops = [op for op in attnzoo.kernels.__all__ if op not in dir(attnzoo.kernels.dispatch) and hasattr(module, op)]
+    calls = []
 
+    def recorder(op, fn):
+        def record(*args, **kwargs):
+            calls.append((op, args, kwargs))
+            return fn(*args, **kwargs)
+        return record
 
-def bench_ops(device, dtype, batch, quick, min_seconds) -> list[Row]:
-    rows = []
-    for label, (B, H, N, D) in window_shapes(batch, quick):
-        q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype) for _ in range(3))
-        bias = torch.randn(H, N, N, device=device, dtype=dtype)
-        impls = {
-            "ours": lambda q, k, v, b: window_attention(q, k, v, bias=b),
-            "sdpa": window_sdpa,
-            "eager": window_eager,
-        }
+    originals = {op: getattr(module, op) for op in ops}
+    try:
+        for op, fn in originals.items():
+            setattr(module, op, recorder(op, fn))
+        x = torch.randn(batch, 3, *model.pretrained_cfg["input_size"][1:], device=device, dtype=dtype)
         with torch.no_grad():
-            fwd = {name: (lambda f=f: f(q, k, v, bias)) for name, f in impls.items()}
-            rows.append(Row("op", "window_attention", f"{label} {B}x{H}x{N}x{D}", "fwd",
-                            measure(fwd, device, min_seconds)))
-        leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
-        grad = torch.randn_like(q)
-        train = {name: (lambda f=f: torch.autograd.grad(f(*leaves), leaves, grad)) for name, f in impls.items()}
-        rows.append(Row("op", "window_attention", f"{label} {B}x{H}x{N}x{D}", "fwd+bwd",
-                        measure(train, device, min_seconds)))
+            model(x)
+    finally:
+        for op, fn in originals.items():
+            setattr(module, op, fn)
+    return calls
+
+
+def describe(args, kwargs) -> str:
+    shapes = ["x".join(map(str, a.shape)) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    return " ".join(shapes[:3]) + (" +bias" if len(shapes) > 3 else "")
+
+
+def bench_ops(names, device, dtype, batch, min_seconds) -> list[Row]:
+    """Each distinct op call of the models: ours (the automatic backend) against the op's own torch path
+    (SDPA or the best plain PyTorch) and its reference formula, forward and forward+backward."""
+    rows, seen = [], set()
+    for name in names:
+        if not ours_registered(name):
+            print(f"skipping op shapes of {name}: attnzoo does not provide it yet", file=sys.stderr)
+            continue
+        for op, args, kwargs in capture_op_calls(name, batch, device, dtype):
+            shape = describe(args, kwargs)
+            if (op, shape) in seen:
+                continue
+            seen.add((op, shape))
+            fn = getattr(attnzoo.kernels, op)
+
+            def call(backend, args=args, kwargs=kwargs, fn=fn):
+                with use_backend(backend) if backend else contextlib.nullcontext():
+                    return fn(*args, **kwargs)
+
+            impls = {"ours": None, "torch": "torch", "reference": "reference"}
+            with torch.no_grad():
+                ms = measure({k: (lambda b=b: call(b)) for k, b in impls.items()}, device, min_seconds)
+            rows.append(Row("op", op, f"{name}: {shape}", "fwd", ms))
+
+            leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                      for a in args]
+            grad_args = [a for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
+            out = fn(*leaves, **kwargs)
+            grad = torch.randn_like(out)
+
+            def train(backend, fn=fn, leaves=leaves, kwargs=kwargs, grad_args=grad_args, grad=grad):
+                with use_backend(backend) if backend else contextlib.nullcontext():
+                    return torch.autograd.grad(fn(*leaves, **kwargs), grad_args, grad)
+
+            ms = measure({k: (lambda b=b: train(b)) for k, b in impls.items()}, device, min_seconds)
+            rows.append(Row("op", op, f"{name}: {shape}", "fwd+bwd", ms))
     return rows
 
 
@@ -136,7 +168,7 @@ MODELS = {
 def ours_registered(name: str) -> bool:
     import timm
 
-    return timm.is_model(name) and timm.models.get_model_entrypoint(name).__module__.startswith("attnzoo.")
+    return timm.is_model(name) and timm.models.model_entrypoint(name).__module__.startswith("attnzoo.")
 
 
 def bench_models(names, device, dtype, batch, min_seconds) -> list[Row]:
@@ -159,11 +191,12 @@ def bench_models(names, device, dtype, batch, min_seconds) -> list[Row]:
         with torch.no_grad():
             for m in models.values():
                 m.eval()
-            ms = measure({k: (lambda m=m: m(x)) for k, m in models.items()}, device, min_seconds)
+            ms = measure({k: (lambda m=m, x=x: m(x)) for k, m in models.items()}, device, min_seconds)
         rows.append(Row("model", name, shape, "infer", ms))
         for m in models.values():
             m.train()
-        ms = measure({k: (lambda m=m: m(x).float().mean().backward()) for k, m in models.items()}, device, min_seconds)
+        step = {k: (lambda m=m, x=x: m(x).float().mean().backward()) for k, m in models.items()}
+        ms = measure(step, device, min_seconds)
         rows.append(Row("model", name, shape, "train", ms))
     return rows
 
@@ -174,13 +207,15 @@ def markdown(rows: list[Row], batch: int) -> str:
     lines = []
     ops = [r for r in rows if r.group == "op"]
     if ops:
-        lines += ["| op | shape [B, H, N, D] | pass | ours ms | vs SDPA | vs eager |", "|---|---|---|---:|---:|---:|"]
+        lines += ["| op | model: q k v shapes | pass | ours ms | vs torch path | vs reference |",
+                  "|---|---|---|---:|---:|---:|"]
         for r in ops:
-            lines.append(f"| {r.name} | {r.shape} | {r.mode} | {r.ms['ours']:.3f} | {r.ratio('sdpa'):.2f}x | "
-                         f"{r.ratio('eager'):.2f}x |")
+            lines.append(f"| {r.name} | {r.shape} | {r.mode} | {r.ms['ours']:.3f} | {r.ratio('torch'):.2f}x | "
+                         f"{r.ratio('reference'):.2f}x |")
     models = [r for r in rows if r.group == "model"]
     if models:
-        lines += ["", "| model | input | pass | ours img/s | timm img/s | ours vs timm |", "|---|---|---|---:|---:|---:|"]
+        lines += ["", "| model | input | pass | ours img/s | timm img/s | ours vs timm |",
+                  "|---|---|---|---:|---:|---:|"]
         for r in models:
             lines.append(f"| {r.name} | {r.shape} | {r.mode} | {1e3 * batch / r.ms['ours']:.1f} | "
                          f"{1e3 * batch / r.ms['timm']:.1f} | {r.ratio('timm'):.2f}x |")
@@ -205,7 +240,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--ops", default="window", help="comma-separated ops to time, or 'none'")
+    p.add_argument("--op-models", default=",".join(OP_SOURCES),
+                   help="comma-separated models whose attention calls give the op shapes, or 'none'")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated model names, or 'none'")
     p.add_argument("--batch", type=int, help="images per call (default 64 on CUDA, 4 on CPU)")
     p.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
@@ -217,21 +253,19 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     batch = args.batch or (64 if device.type == "cuda" else 4)
     min_seconds = 0.3 if args.quick else 1.0
-    unknown = set(args.models.split(",")) - set(MODELS) - {"none"}
-    if unknown:
-        p.error(f"--models: unknown {sorted(unknown)}; choose from {', '.join(MODELS)}")
-    unknown_ops = set(args.ops.split(",")) - {"window", "none"}
-    if unknown_ops:
-        p.error(f"--ops: unknown {sorted(unknown_ops)}; choose from window")
+    import timm
 
-    rows = []
-    if "window" in args.ops.split(","):
-        rows += bench_ops(device, dtype, batch, args.quick, min_seconds)
-    if args.models != "none":
-        names = args.models.split(",")
-        if args.quick:
-            names = [n for n in names if not n.endswith(("_base", "base_tf_224", "50ts"))]
-        rows += bench_models(names, device, dtype, batch, min_seconds)
+    for flag, arg in (("--models", args.models), ("--op-models", args.op_models)):
+        unknown = [n for n in arg.split(",") if n != "none" and not timm.is_model(n)]
+        if unknown:
+            p.error(f"{flag}: {unknown} are not registered models")
+
+    def chosen(arg: str) -> list[str]:
+        names = [] if arg == "none" else arg.split(",")
+        return [n for n in names if not (args.quick and n.endswith(("_base", "base_tf_224", "50ts")))]
+
+    rows = bench_ops(chosen(args.op_models), device, dtype, batch, min_seconds)
+    rows += bench_models(chosen(args.models), device, dtype, batch, min_seconds)
 
     env = environment(device, dtype)
     table = markdown(rows, batch)

@@ -76,7 +76,7 @@ def test_matches_reference_fp32(case, backend):
     ref, ref_grads = run("reference", q, k, v, b, m, grad_out)
     out, grads = run(backend, q, k, v, b, m, grad_out)
     assert max_err(out, ref) <= 1e-5
-    for name, g, rg in zip(["dq", "dk", "dv", "dbias"], grads, ref_grads):
+    for name, g, rg in zip(["dq", "dk", "dv", "dbias"], grads, ref_grads, strict=False):
         assert max_err(g, rg) <= 1e-5 * max(1.0, rg.abs().max().item()), name
 
 
@@ -87,7 +87,7 @@ def test_every_supported_head_dim(D):
     ref, ref_grads = run("reference", q, k, v, b, m, grad_out)
     out, grads = run("triton", q, k, v, b, m, grad_out)
     assert max_err(out, ref) <= 1e-5
-    for g, rg in zip(grads, ref_grads):
+    for g, rg in zip(grads, ref_grads, strict=True):
         assert max_err(g, rg) <= 1e-5 * max(1.0, rg.abs().max().item())
 
 
@@ -102,7 +102,7 @@ def test_non_contiguous_inputs():
     ref, ref_grads = run("reference", q, k, v, bias, None, grad_out)
     out, grads = run("triton", q, k, v, bias, None, grad_out)
     assert max_err(out, ref) <= 1e-5
-    for g, rg in zip(grads, ref_grads):
+    for g, rg in zip(grads, ref_grads, strict=True):
         assert max_err(g, rg) <= 1e-5 * max(1.0, rg.abs().max().item())
 
 
@@ -140,7 +140,7 @@ def test_low_precision(dtype):
     fused, fused_grads = run("triton", q, k, v, b, m, grad_out, dtype)
     assert fused.dtype == dtype
     assert_within_precision("out", fused, plain, exact, dtype)
-    for name, f, p, e in zip(["dq", "dk", "dv", "dbias"], fused_grads, plain_grads, exact_grads):
+    for name, f, p, e in zip(["dq", "dk", "dv", "dbias"], fused_grads, plain_grads, exact_grads, strict=True):
         assert_within_precision(name, f, p, e, dtype)
 
 
@@ -155,7 +155,7 @@ def test_cuda_low_precision(dtype, N):
     plain, plain_grads = run("naive", q, k, v, b, m, grad_out, dtype)
     fused, fused_grads = run("triton", q, k, v, b, m, grad_out, dtype)
     assert_within_precision("out", fused, plain, exact, dtype)
-    for name, f, p, e in zip(["dq", "dk", "dv", "dbias"], fused_grads, plain_grads, exact_grads):
+    for name, f, p, e in zip(["dq", "dk", "dv", "dbias"], fused_grads, plain_grads, exact_grads, strict=True):
         assert_within_precision(name, f, p, e, dtype)
 
 
