@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--img-size", type=int, help="input size (default: the model's)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=30)
-    o.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule still spans --epochs)")
+    o.add_argument("--max-steps", type=int,
+                   help="stop after this many optimizer steps (the schedule still spans --epochs)")
     o.add_argument("--batch-size", type=int, default=64, help="per process")
     o.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
     o.add_argument("--opt", default="adamw")

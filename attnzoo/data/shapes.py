@@ -1,6 +1,6 @@
 """A procedurally generated "shapes" dataset, so the tools run with no download.
 
-Each image shows one to three shapes of a single class (circle, square, triangle, hexagon, star), in random
+Each image shows one or two shapes of a single class (circle, square, triangle, hexagon, star), in random
 colours, sizes, positions and rotations, that never overlap, on a textured background (noise, stripes or a
 checkerboard). The class of an image is the class of its shapes, so the same images serve classification
 (an ImageNet-style folder) and detection/segmentation (a COCO json with boxes and polygon masks).
@@ -56,8 +56,9 @@ def _polygon_area(points: list[tuple[float, float]]) -> float:
     return float(abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))) / 2)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A low-contrast texture around a random base colour: noise, stripes or a checkerboard."""
+def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, float]:
+    """A low-contrast texture around a random base colour (noise, stripes or a checkerboard), and its
+    brightness."""
     base = rng.uniform(60, 200, size=3)
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
     kind = rng.integers(3)
@@ -71,18 +72,19 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         pattern = ((xx // cell + yy // cell) % 2) * 2 - 1
     tint = rng.uniform(-25, 25, size=3)
     img = base + pattern[..., None] * tint + rng.normal(0, 6, (size, size, 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
+    return np.clip(img, 0, 255).astype(np.uint8), float(base.mean())
 
 
 def render(rng: np.random.Generator, cls: str, size: int) -> tuple[Image.Image, list[dict]]:
-    """One image of 1-3 shapes of class ``cls``; returns it and each shape's ``polygon``, ``bbox`` and ``area``."""
-    img = Image.fromarray(_background(rng, size))
+    """One image of 1-2 shapes of class ``cls``; returns it and each shape's ``polygon``, ``bbox`` and ``area``."""
+    background, brightness = _background(rng, size)
+    img = Image.fromarray(background)
     draw = ImageDraw.Draw(img)
     placed: list[tuple[float, float, float]] = []
     shapes = []
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(1, 3))):
         for _attempt in range(20):  # rejection sampling: shapes stay inside the image and apart
-            r = rng.uniform(0.12, 0.3) * size
+            r = rng.uniform(0.18, 0.32) * size
             cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
             if all(math.hypot(cx - x, cy - y) > r + q + 2 for x, y, q in placed):
                 break
@@ -90,9 +92,11 @@ def render(rng: np.random.Generator, cls: str, size: int) -> tuple[Image.Image, 
             continue
         placed.append((cx, cy, r))
         outline = _outline(cls, cx, cy, r, rng.uniform(0, 2 * math.pi))
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        # any hue, but darker than a light background or lighter than a dark one, so the outline is visible
+        low, high = (0, 90) if brightness > 130 else (165, 256)
+        colour = tuple(int(c) for c in rng.integers(low, high, size=3))
         draw.polygon(outline, fill=colour)
-        xs, ys = zip(*outline)
+        xs, ys = zip(*outline, strict=True)
         shapes.append({
             "polygon": [round(v, 2) for point in outline for v in point],
             "bbox": [round(min(xs), 2), round(min(ys), 2), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)],
@@ -105,7 +109,7 @@ def render(rng: np.random.Generator, cls: str, size: int) -> tuple[Image.Image, 
 def _write(root: Path, spec: ShapesSpec) -> None:
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
     (root / "annotations").mkdir(parents=True)
-    for split_id, (split, per_class) in enumerate(zip(SPLITS, (spec.train_per_class, spec.val_per_class))):
+    for split_id, (split, per_class) in enumerate(zip(SPLITS, (spec.train_per_class, spec.val_per_class), strict=True)):
         images, annotations = [], []
         for label, cls in enumerate(CLASSES):
             (root / split / cls).mkdir(parents=True)
@@ -157,3 +161,4 @@ def make_shapes_dataset(root: str | os.PathLike, spec: ShapesSpec | None = None)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+

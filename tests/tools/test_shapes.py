@@ -66,4 +66,4 @@ def test_render_is_a_function_of_the_generator_state():
     a, shapes_a = render(np.random.default_rng(1), "star", 40)
     b, shapes_b = render(np.random.default_rng(1), "star", 40)
     assert np.array_equal(np.array(a), np.array(b)) and shapes_a == shapes_b
-    assert 1 <= len(shapes_a) <= 3
+    assert 1 <= len(shapes_a) <= 2
