@@ -2,12 +2,13 @@
 :mod:`attnzoo.kernels.dispatch`."""
 from .channel import channel_attention
 from .dispatch import BACKENDS, forced_backend, trace, use_backend
+from .gating import ela_gate, ela_pool, subspace_attention
 from .halo import halo_attention
 from .linear import linear_attention
 from .sparse import sparse_attention
 from .window import window_attention
 
 __all__ = [
-    "BACKENDS", "channel_attention", "forced_backend", "halo_attention", "linear_attention", "sparse_attention",
-    "trace", "use_backend", "window_attention",
+    "BACKENDS", "channel_attention", "ela_gate", "ela_pool", "forced_backend", "halo_attention",
+    "linear_attention", "sparse_attention", "subspace_attention", "trace", "use_backend", "window_attention",
 ]

@@ -1,0 +1,203 @@
+"""ELA: Efficient Local Attention for Deep Convolutional Neural Networks (Xu & Wan, 2024,
+https://arxiv.org/abs/2403.01123), in timm's ResNets and MobileNetV2.
+
+    x_h = mean_W(x) ∈ R^{C×H}            x_w = mean_H(x) ∈ R^{C×W}                      (strip pooling)
+    a_h = σ(GN(Conv1d(x_h)))             a_w = σ(GN(Conv1d(x_w)))     one Conv1d, one GN, shared by both axes
+    y   = x · a_h[:, :, None] · a_w[:, None, :]
+
+Unlike Coordinate Attention, from which it is derived, ELA keeps all C channels (no reduction), uses a 1-D
+convolution along each strip instead of 1×1 convs, and GroupNorm instead of BatchNorm. Its four versions
+differ only in the conv kernel, the conv groups and the GN groups (the paper's version table):
+
+    ELA-T  k=5  depthwise (C groups)   GN 32 groups        ELA-S  k=5  C/8 groups   GN 16 groups
+    ELA-B  k=7  depthwise (C groups)   GN 16 groups        ELA-L  k=7  C/8 groups   GN 16 groups
+
+The authors published no code; these constants are the paper's table as reproduced, identically, by the
+plug-in implementations in public code (see ``shared/reference/backbones.md``). timm's ``EfficientLocalAttn``
+is a different module (separate k×1 / 1×k Conv2d per axis, one-group norms, an extra SiLU).
+
+Placement, as for SE and Coordinate Attention, whose protocol the paper follows:
+    ResNet        on the residual branch, after the last conv + BN, before the addition (timm's
+                  ``attn_layer`` slot of ``BasicBlock`` / ``Bottleneck``), in every block.
+    MobileNetV2   in every inverted residual (and the first depthwise-separable block), after the 3×3
+                  depthwise conv + BN + ReLU6, before the 1×1 projection (timm's ``se_layer`` slot), i.e. on
+                  the expanded channels.
+ELA-T cannot sit in MobileNetV2: its 144-channel expansions do not split into 32 GN groups.
+
+The strip pooling and the final double gate are memory-bound passes over the map and run through
+:func:`attnzoo.kernels.ela_pool` and :func:`attnzoo.kernels.ela_gate` (fused Triton kernels on CUDA).
+Everything else is timm's: ``ResNet`` with its blocks, ``EfficientNet`` with its builder, the heads and the
+model surface. No weights exist, so no pretrained tags.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.models._builder import build_model_with_cfg
+from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, round_channels
+from timm.models._registry import generate_default_cfgs, register_model
+from timm.models.efficientnet import EfficientNet
+from timm.models.efficientnet import _cfg as _effnet_cfg
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from timm.models.resnet import _cfg as _resnet_cfg
+
+from ..kernels import ela_gate, ela_pool
+
+__all__ = ["EfficientLocalAttention", "ElaResNet", "ElaMobileNetV2", "ELA_VERSIONS", "CheckedInput", "check_image"]
+
+# version → (conv kernel size, channels per conv group, GroupNorm groups)
+ELA_VERSIONS = {"t": (5, 1, 32), "b": (7, 1, 16), "s": (5, 8, 16), "l": (7, 8, 16)}
+
+
+class EfficientLocalAttention(nn.Module):
+    """The paper's ELA module on a [B, C, H, W] map (no parameters beyond one Conv1d and one GroupNorm).
+
+    Args:
+        channels: C.
+        version: "t", "b", "s" or "l" (ELA-T/B/S/L), or None to give the three constants below.
+        kernel_size, group_channels, norm_groups: the Conv1d kernel, the channels in each conv group (1 for
+            depthwise, 8 for ELA-S/L's C/8 groups) and the GroupNorm groups.
+    """
+
+    def __init__(self, channels: int, version: str | None = "b", kernel_size: int | None = None,
+                 group_channels: int | None = None, norm_groups: int | None = None, device=None, dtype=None):
+        super().__init__()
+        if version is not None:
+            if version not in ELA_VERSIONS:
+                raise ValueError(f"EfficientLocalAttention: `version` must be one of {', '.join(ELA_VERSIONS)} "
+                                 f"or None, got {version!r}")
+            kernel_size, group_channels, norm_groups = ELA_VERSIONS[version]
+        name = f"ELA-{version.upper()}" if version else "EfficientLocalAttention"
+        for arg, divisor in (("group_channels", group_channels), ("norm_groups", norm_groups)):
+            if not divisor or channels % divisor:
+                raise ValueError(f"{name}: `channels` must be divisible by {arg}={divisor}, got {channels}")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"{name}: `kernel_size` must be odd (the strips keep their length), got "
+                             f"{kernel_size}")
+        dd = dict(device=device, dtype=dtype)
+        self.conv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2,
+                              groups=channels // group_channels, bias=False, **dd)
+        self.norm = nn.GroupNorm(norm_groups, channels, **dd)
+
+    def gate(self, strip: torch.Tensor) -> torch.Tensor:
+        """σ(GN(Conv1d(strip))) for a [B, C, L] strip."""
+        return self.norm(self.conv(strip)).sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_h, x_w = ela_pool(x)
+        return ela_gate(x, self.gate(x_h), self.gate(x_w))
+
+
+def check_image(model: str, x: torch.Tensor, in_chans: int) -> None:
+    """A clear error for input a CNN cannot take: it wants a floating [B, in_chans, H, W] batch."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != in_chans:
+        shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{model}: the input `x` must be a [B, {in_chans}, H, W] image batch, got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"{model}: the input `x` must be a floating-point tensor, got {x.dtype}")
+
+
+class CheckedInput:
+    """Mixin for timm CNNs (which keep ``in_chans``): a clear error naming the model for input it cannot take,
+    before the first conv."""
+
+    name: str
+    in_chans: int
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_image(self.name, x, self.in_chans)
+        return super().forward_features(x)
+
+    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+        check_image(self.name, x, self.in_chans)
+        return super().forward_intermediates(x, *args, **kwargs)
+
+
+class ElaResNet(CheckedInput, ResNet):
+    """timm's ``ResNet`` with ELA in every block (through its ``attn_layer`` slot)."""
+
+    def __init__(self, *args, name: str = "ElaResNet", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.name = name
+
+
+class ElaMobileNetV2(CheckedInput, EfficientNet):
+    """timm's ``EfficientNet`` built from MobileNetV2's table with ELA in every block."""
+
+    def __init__(self, *args, name: str = "ElaMobileNetV2", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.name = name
+
+
+def _ela_layer(version: str):
+    """ELA as the attention layer of timm's blocks: ResNet blocks call it with the channels, EfficientNet
+    blocks also pass their activation, which ELA, having none, does not take."""
+    def layer(channels: int, act_layer=None, device=None, dtype=None) -> EfficientLocalAttention:
+        return EfficientLocalAttention(channels, version, device=device, dtype=dtype)
+    return layer
+
+
+_RESNETS = {  # depth → (block, blocks per stage), He et al. 2016, Table 1
+    18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3)),
+}
+
+# MobileNetV2 (Sandler et al. 2018, Table 2) in timm's block notation, every block with an attention slot
+# ("se" marks the slot; the ratio is unused by ELA)
+_MOBILENETV2 = [
+    ["ds_r1_k3_s1_c16_se1"],
+    ["ir_r2_k3_s2_e6_c24_se1"],
+    ["ir_r3_k3_s2_e6_c32_se1"],
+    ["ir_r4_k3_s2_e6_c64_se1"],
+    ["ir_r3_k3_s1_e6_c96_se1"],
+    ["ir_r3_k3_s2_e6_c160_se1"],
+    ["ir_r1_k3_s1_e6_c320_se1"],
+]
+
+
+def _create_resnet(variant: str, pretrained: bool = False, **kwargs) -> ElaResNet:
+    version, depth = variant.split("_")[1], int(variant.rsplit("resnet", 1)[1])
+    block, layers = _RESNETS[depth]
+    block_args = dict(kwargs.pop("block_args", {}), attn_layer=_ela_layer(version))
+    return build_model_with_cfg(ElaResNet, variant, pretrained, block=block, layers=layers,
+                                block_args=block_args, name=variant, **kwargs)
+
+
+def _create_mobilenetv2(variant: str, pretrained: bool = False, **kwargs) -> ElaMobileNetV2:
+    version = variant.split("_")[1]
+    return build_model_with_cfg(
+        ElaMobileNetV2, variant, pretrained,
+        block_args=decode_arch_def(_MOBILENETV2), num_features=1280, stem_size=32,
+        round_chs_fn=partial(round_channels, multiplier=1.0), act_layer=resolve_act_layer(kwargs, "relu6"),
+        se_layer=_ela_layer(version), name=variant, feature_cfg=dict(flatten_sequential=True), **kwargs)
+
+
+_RESNET_NAMES = [f"ela_{v}_resnet{d}" for d in _RESNETS for v in ELA_VERSIONS]
+_MOBILENET_NAMES = [f"ela_{v}_mobilenetv2_100" for v in ("b", "s", "l")]
+
+default_cfgs = generate_default_cfgs({
+    **{name: _resnet_cfg() for name in _RESNET_NAMES},
+    **{name: _effnet_cfg() for name in _MOBILENET_NAMES},
+})
+
+
+def _register(name: str, create, where: str) -> None:
+    version = name.split("_")[1].upper()
+    kernel, group_channels, norm_groups = ELA_VERSIONS[version.lower()]
+    conv = "depthwise" if group_channels == 1 else "C/8 groups"
+
+    def entrypoint(pretrained: bool = False, **kwargs):
+        return create(name, pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = (f"{name}: ELA-{version} (Conv1d k={kernel}, {conv}, GN {norm_groups} groups) {where}; "
+                          "untrained.")
+    globals()[name] = register_model(entrypoint)
+
+
+for _name in _RESNET_NAMES:
+    _register(_name, _create_resnet, "in every residual block, after the last conv + BN, before the addition")
+for _name in _MOBILENET_NAMES:
+    _register(_name, _create_mobilenetv2, "in every block, after the depthwise conv, before the projection")

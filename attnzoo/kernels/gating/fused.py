@@ -1,0 +1,269 @@
+"""Fused Triton gating kernels, forward and backward, on contiguous [B, C, H, W] maps (other layouts are made
+contiguous first). Sums are accumulated in fp32.
+
+ELA, one program per (image, channel) plane, walking it in blocks of whole rows:
+    pool    forward  x_h[h] = Σ_w x[h, w] / W,  x_w[w] = Σ_h x[h, w] / H
+            backward dx[h, w] = dx_h[h] / W + dx_w[w] / H
+    gate    forward  y = x · a_h[h] · a_w[w]
+            backward dx = dy · a_h · a_w,  da_h[h] = Σ_w dy · x · a_w,  da_w[w] = Σ_h dy · x · a_h
+
+ULSAM, one program per (image, subspace, block of positions):
+    forward  a = softmax(l) over all H·W (each program recomputes the plane's log-sum-exp from the logits),
+             y = x · (1 + a) for the subspace's channels; the log-sum-exp is kept for the backward
+    backward da[p] = Σ_c dy[c, p] · x[c, p],  dx = dy · (1 + a),  dl = a · (da − Σ_p a · da)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..dispatch import interpreting
+
+MAX_W = 4096
+MAX_BLOCK = 4096  # elements of a plane an ELA program holds at once
+MAX_POSITIONS = 1024  # positions of a block in the ULSAM kernels
+
+
+def unsupported(x: torch.Tensor) -> str | None:
+    """Why the fused kernels cannot take ``x`` (a phrase for an error message), or None when they can."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"takes float16, bfloat16 or float32 `x`, got {x.dtype}"
+    if x.shape[-1] > MAX_W:
+        return f"supports a width W <= {MAX_W}, got `x` with W={x.shape[-1]}"
+    return None
+
+
+def _row_blocks(H: int, W: int) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_W): whole rows, as many as fit in MAX_BLOCK elements (the whole plane under the
+    interpreter, whose cost grows with the number of steps)."""
+    block_w = triton.next_power_of_2(W)
+    limit = triton.next_power_of_2(H) if interpreting() else max(1, MAX_BLOCK // block_w)
+    return min(triton.next_power_of_2(H), limit), block_w
+
+
+# ---------------------------------------------------------------------------------------------------- ELA
+
+
+@triton.jit
+def _ela_pool_fwd(x_ptr, xh_ptr, xw_ptr, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    plane = tl.program_id(0).to(tl.int64)
+    x_ptr += plane * H * W
+    cols = tl.arange(0, BLOCK_W)
+    col_sum = tl.zeros((BLOCK_W,), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        rows = h0 + tl.arange(0, BLOCK_H)
+        inside = (rows[:, None] < H) & (cols[None, :] < W)
+        x = tl.load(x_ptr + rows[:, None] * W + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        tl.store(xh_ptr + plane * H + rows, (tl.sum(x, axis=1) / W).to(xh_ptr.dtype.element_ty), mask=rows < H)
+        col_sum += tl.sum(x, axis=0)
+    tl.store(xw_ptr + plane * W + cols, (col_sum / H).to(xw_ptr.dtype.element_ty), mask=cols < W)
+
+
+@triton.jit
+def _ela_pool_bwd(dxh_ptr, dxw_ptr, dx_ptr, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    plane = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_W)
+    dxw = tl.load(dxw_ptr + plane * W + cols, mask=cols < W, other=0.0).to(tl.float32) / H
+    for h0 in range(0, H, BLOCK_H):
+        rows = h0 + tl.arange(0, BLOCK_H)
+        dxh = tl.load(dxh_ptr + plane * H + rows, mask=rows < H, other=0.0).to(tl.float32) / W
+        inside = (rows[:, None] < H) & (cols[None, :] < W)
+        tl.store(dx_ptr + plane * H * W + rows[:, None] * W + cols[None, :],
+                 (dxh[:, None] + dxw[None, :]).to(dx_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _ela_gate_fwd(x_ptr, ah_ptr, aw_ptr, y_ptr, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    plane = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_W)
+    aw = tl.load(aw_ptr + plane * W + cols, mask=cols < W, other=0.0).to(tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        rows = h0 + tl.arange(0, BLOCK_H)
+        ah = tl.load(ah_ptr + plane * H + rows, mask=rows < H, other=0.0).to(tl.float32)
+        inside = (rows[:, None] < H) & (cols[None, :] < W)
+        offs = plane * H * W + rows[:, None] * W + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, (x * ah[:, None] * aw[None, :]).to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _ela_gate_bwd(x_ptr, ah_ptr, aw_ptr, dy_ptr, dx_ptr, dah_ptr, daw_ptr, H, W,
+                  BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    plane = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_W)
+    aw = tl.load(aw_ptr + plane * W + cols, mask=cols < W, other=0.0).to(tl.float32)
+    daw = tl.zeros((BLOCK_W,), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        rows = h0 + tl.arange(0, BLOCK_H)
+        ah = tl.load(ah_ptr + plane * H + rows, mask=rows < H, other=0.0).to(tl.float32)
+        inside = (rows[:, None] < H) & (cols[None, :] < W)
+        offs = plane * H * W + rows[:, None] * W + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + offs, (dy * ah[:, None] * aw[None, :]).to(dx_ptr.dtype.element_ty), mask=inside)
+        dyx = dy * x
+        tl.store(dah_ptr + plane * H + rows, tl.sum(dyx * aw[None, :], axis=1).to(dah_ptr.dtype.element_ty),
+                 mask=rows < H)
+        daw += tl.sum(dyx * ah[:, None], axis=0)
+    tl.store(daw_ptr + plane * W + cols, daw.to(daw_ptr.dtype.element_ty), mask=cols < W)
+
+
+class _ElaPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        B, C, H, W = x.shape
+        x = x.contiguous()
+        x_h = torch.empty(B, C, H, device=x.device, dtype=x.dtype)
+        x_w = torch.empty(B, C, W, device=x.device, dtype=x.dtype)
+        block_h, block_w = _row_blocks(H, W)
+        _ela_pool_fwd[(B * C,)](x, x_h, x_w, H, W, BLOCK_H=block_h, BLOCK_W=block_w)
+        ctx.shape = x.shape
+        return x_h, x_w
+
+    @staticmethod
+    def backward(ctx, dx_h, dx_w):
+        B, C, H, W = ctx.shape
+        like = dx_h if dx_h is not None else dx_w
+        dx_h = torch.zeros(B, C, H, device=like.device, dtype=like.dtype) if dx_h is None else dx_h.contiguous()
+        dx_w = torch.zeros(B, C, W, device=like.device, dtype=like.dtype) if dx_w is None else dx_w.contiguous()
+        dx = torch.empty(ctx.shape, device=like.device, dtype=like.dtype)
+        block_h, block_w = _row_blocks(H, W)
+        _ela_pool_bwd[(B * C,)](dx_h, dx_w, dx, H, W, BLOCK_H=block_h, BLOCK_W=block_w)
+        return dx
+
+
+class _ElaGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a_h, a_w):
+        B, C, H, W = x.shape
+        x, a_h, a_w = x.contiguous(), a_h.contiguous(), a_w.contiguous()
+        y = torch.empty_like(x)
+        block_h, block_w = _row_blocks(H, W)
+        _ela_gate_fwd[(B * C,)](x, a_h, a_w, y, H, W, BLOCK_H=block_h, BLOCK_W=block_w)
+        ctx.save_for_backward(x, a_h, a_w)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, a_h, a_w = ctx.saved_tensors
+        B, C, H, W = x.shape
+        dx, da_h, da_w = torch.empty_like(x), torch.empty_like(a_h), torch.empty_like(a_w)
+        block_h, block_w = _row_blocks(H, W)
+        _ela_gate_bwd[(B * C,)](x, a_h, a_w, dy.contiguous(), dx, da_h, da_w, H, W,
+                                BLOCK_H=block_h, BLOCK_W=block_w)
+        return dx, da_h, da_w
+
+
+def ela_pool_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ElaPool.apply(x)
+
+
+def ela_gate_fused(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
+    return _ElaGate.apply(x, a_h, a_w)
+
+
+# -------------------------------------------------------------------------------------------------- ULSAM
+
+
+@triton.jit
+def _log_sum_exp(l_ptr, N, BLOCK: tl.constexpr):
+    """log Σ_p exp(l[p]) over one plane of N logits, online (running max and rescaled sum)."""
+    m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK,), dtype=tl.float32)
+    for p0 in range(0, N, BLOCK):
+        offs = p0 + tl.arange(0, BLOCK)
+        logit = tl.load(l_ptr + offs, mask=offs < N, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, logit)
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes that have seen nothing yet
+        s = s * tl.exp(m - safe) + tl.exp(logit - safe)
+        m = m_new
+    m_all = tl.max(m, axis=0)
+    return m_all + tl.log(tl.sum(s * tl.exp(tl.where(m == float("-inf"), m_all, m) - m_all), axis=0))
+
+
+@triton.jit
+def _subspace_fwd(x_ptr, l_ptr, y_ptr, lse_ptr, CG, N, BLOCK: tl.constexpr):
+    bg = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    lse = _log_sum_exp(l_ptr + bg * N, N, BLOCK)
+    if block == 0:
+        tl.store(lse_ptr + bg, lse)
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < N
+    a = tl.exp(tl.load(l_ptr + bg * N + offs, mask=inside, other=0.0).to(tl.float32) - lse)
+    base = bg * CG * N  # subspace g of image b: channels g·CG … g·CG + CG − 1, contiguous
+    for c in range(CG):
+        x = tl.load(x_ptr + base + c * N + offs, mask=inside, other=0.0).to(tl.float32)
+        tl.store(y_ptr + base + c * N + offs, (x * (1.0 + a)).to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _subspace_bwd_dx(x_ptr, l_ptr, lse_ptr, dy_ptr, dx_ptr, da_ptr, CG, N, BLOCK: tl.constexpr):
+    """dx = dy · (1 + a) and da = Σ_c dy · x for one block of positions."""
+    bg = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < N
+    a = tl.exp(tl.load(l_ptr + bg * N + offs, mask=inside, other=0.0).to(tl.float32) - tl.load(lse_ptr + bg))
+    da = tl.zeros((BLOCK,), dtype=tl.float32)
+    base = bg * CG * N
+    for c in range(CG):
+        x = tl.load(x_ptr + base + c * N + offs, mask=inside, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + base + c * N + offs, mask=inside, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + base + c * N + offs, (dy * (1.0 + a)).to(dx_ptr.dtype.element_ty), mask=inside)
+        da += dy * x
+    tl.store(da_ptr + bg * N + offs, da, mask=inside)
+
+
+@triton.jit
+def _subspace_bwd_dl(l_ptr, lse_ptr, da_ptr, dl_ptr, N, BLOCK: tl.constexpr):
+    """Softmax backward for one block of positions: dl = a · (da − Σ_p a · da), the sum over the plane."""
+    bg = tl.program_id(0).to(tl.int64)
+    lse = tl.load(lse_ptr + bg)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for p0 in range(0, N, BLOCK):
+        offs = p0 + tl.arange(0, BLOCK)
+        a = tl.exp(tl.load(l_ptr + bg * N + offs, mask=offs < N, other=float("-inf")).to(tl.float32) - lse)
+        acc += a * tl.load(da_ptr + bg * N + offs, mask=offs < N, other=0.0)
+    dot = tl.sum(acc, axis=0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < N
+    a = tl.exp(tl.load(l_ptr + bg * N + offs, mask=inside, other=0.0).to(tl.float32) - lse)
+    da = tl.load(da_ptr + bg * N + offs, mask=inside, other=0.0)
+    tl.store(dl_ptr + bg * N + offs, (a * (da - dot)).to(dl_ptr.dtype.element_ty), mask=inside)
+
+
+def _position_block(N: int) -> int:
+    return triton.next_power_of_2(N) if interpreting() else min(MAX_POSITIONS, triton.next_power_of_2(N))
+
+
+class _SubspaceAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, logits):
+        B, C, H, W = x.shape
+        G, N = logits.shape[1], H * W
+        x, logits = x.contiguous(), logits.contiguous()
+        y = torch.empty_like(x)
+        lse = torch.empty(B * G, device=x.device, dtype=torch.float32)
+        block = _position_block(N)
+        _subspace_fwd[(B * G, triton.cdiv(N, block))](x, logits, y, lse, C // G, N, BLOCK=block)
+        ctx.save_for_backward(x, logits, lse)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, logits, lse = ctx.saved_tensors
+        B, C, H, W = x.shape
+        G, N = logits.shape[1], H * W
+        block = _position_block(N)
+        grid = (B * G, triton.cdiv(N, block))
+        dx = torch.empty_like(x)
+        da = torch.empty(B * G, N, device=x.device, dtype=torch.float32)
+        _subspace_bwd_dx[grid](x, logits, lse, dy.contiguous(), dx, da, C // G, N, BLOCK=block)
+        dl = torch.empty_like(logits)
+        _subspace_bwd_dl[grid](logits, lse, da, dl, N, BLOCK=block)
+        return dx, dl
+
+
+def subspace_attention_fused(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    return _SubspaceAttention.apply(x, logits)
