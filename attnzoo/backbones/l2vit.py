@@ -1,0 +1,371 @@
+"""L²ViT: The Linear Attention Resurrection in Vision Transformer (Zheng, https://arxiv.org/abs/2501.16182), on
+attnzoo's window and linear attention kernels. Ported from the authors' ``ChuanyangZheng/L2ViT``
+(``classification/models/l2vit.py``, ``block_type='mix_local_enhanced_vit'``, ``conv_stem=True``).
+
+    stem (conv3×3 s2 → BN → ReLU → conv3×3 s2 → BN → LN) → 4 × stage[ downsample (LN → conv2×2 s2) →
+        (LWA block → LGA block) × depth/2 ] → LN → avg pool → fc
+
+    LWA (local window attention) = DaViT's spatial block: x + CPE(x) → x + WindowAttn7×7(LN(x)) → x + CPE(x)
+        → x + MLP(LN(x)), CPE a 3×3 dw conv; no relative position bias, no shift.
+    LGA (linear global attention) = x + CPE(x) → x + LinearAttn(LN(x)) → x + LCM(LN(x)) → x + MLP(LN(x))
+
+LinearAttn is ReLU linear attention over all tokens of the image with a clamped normalizer and a learnable
+per-head temperature τ (initialised to hd^-0.5):
+
+    out_n = τ · φ(q_n) (Σ_m φ(k_m)ᵀ v_m) / max(φ(q_n) · Σ_m φ(k_m), 100),   φ = ReLU
+
+(:func:`attnzoo.kernels.linear_attention`). LCM, the local concentration module, is dwconv7×7 → GELU → BN →
+dwconv7×7: it gives back the local detail that linear attention's global average blurs.
+
+Any input size: the stem and downsampling pad to even sizes as the authors' code does, and the windows are
+padded with the padded keys masked out (the authors attend to the zero padding; a size that tiles, such as 224
+and 384, computes exactly the same).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates, trunc_normal_
+from timm.models._builder import build_model_with_cfg
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+from timm.models._registry import generate_default_cfgs, register_model
+from timm.models.davit import ConvPosEnc
+
+from ..kernels import linear_attention
+from .davit import DaVitBlock, WindowAttention
+
+__all__ = ["L2ViT", "LinearAttention", "LocalConcentration", "LinearGlobalBlock", "checkpoint_filter_fn"]
+
+
+def _pad_to_even(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad NCHW ``x`` at the bottom and right to multiples of ``multiple``, as the authors' PatchEmbed."""
+    pad_h, pad_w = (-x.shape[2]) % multiple, (-x.shape[3]) % multiple
+    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+
+class Stem(nn.Module):
+    """Two stride-2 3×3 convs (4× down), then a LayerNorm over channels."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1)
+        self.norm1 = nn.BatchNorm2d(dim // 2)
+        self.act = nn.ReLU()
+        self.conv2 = nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1)
+        self.norm2 = nn.BatchNorm2d(dim)
+        self.norm = LayerNorm2d(dim, eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.norm1(self.conv1(_pad_to_even(x, 4))))
+        return self.norm(self.norm2(self.conv2(x)))
+
+
+class Downsample(nn.Module):
+    """LayerNorm, then a 2×2 stride-2 conv to the next width."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.norm = LayerNorm2d(in_dim, eps=1e-5)
+        self.conv = nn.Conv2d(in_dim, out_dim, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(_pad_to_even(self.norm(x), 2))
+
+
+class LinearAttention(nn.Module):
+    """ReLU linear attention over all tokens of an NHWC map, clamped normalizer, per-head temperature."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.temperature = nn.Parameter(torch.full((num_heads, 1, 1), (dim // num_heads) ** -0.5))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, H * W, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        # τ is a per-head scalar: applied to the output, it is the authors' τ on the kᵀv state
+        x = linear_attention(q, k, v, "relu", clamp_min=100.0) * self.temperature
+        return self.proj(x.transpose(1, 2).reshape(B, H, W, C))
+
+
+class LocalConcentration(nn.Module):
+    """LCM: depthwise 7×7 conv → GELU → BatchNorm → depthwise 7×7 conv, NCHW."""
+
+    def __init__(self, dim: int, kernel_size: int = 7):
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.act = nn.GELU()
+        self.bn = nn.BatchNorm2d(dim)
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.bn(self.act(self.conv1(x))))
+
+
+class LinearGlobalBlock(nn.Module):
+    """LGA block, NCHW in and out. As the authors: ``norm2`` serves the MLP and ``norm3`` the LCM."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        self.cpe = ConvPosEnc(dim, k=3)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = LinearAttention(dim, num_heads)
+        self.norm3 = nn.LayerNorm(dim)
+        self.lcm = LocalConcentration(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.cpe(x).permute(0, 2, 3, 1)  # NHWC for the norms, the attention and the MLP
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.lcm(self.norm3(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x.permute(0, 3, 1, 2)
+
+
+class L2ViTStage(nn.Module):
+    """Downsampling (none in the first stage, after the stem), then LWA and LGA blocks in turn."""
+
+    def __init__(self, in_dim: int | None, dim: int, depth: int, num_heads: int, window_size: int,
+                 mlp_ratio: float, drop_path: list[float]):
+        super().__init__()
+        self.downsample = nn.Identity() if in_dim is None else Downsample(in_dim, dim)
+        self.blocks = nn.Sequential(*(
+            DaVitBlock(dim, WindowAttention(dim, num_heads, window_size), mlp_ratio, drop_path[j]) if j % 2 == 0
+            else LinearGlobalBlock(dim, num_heads, mlp_ratio, drop_path[j])
+            for j in range(depth)
+        ))
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class L2ViT(nn.Module):
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        depths: tuple[int, ...] = (2, 2, 6, 2),
+        dims: tuple[int, ...] = (96, 192, 384, 768),
+        num_heads: tuple[int, ...] = (3, 6, 12, 24),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        if not len(depths) == len(dims) == len(num_heads):
+            raise ValueError(f"L2ViT: `depths`, `dims` and `num_heads` need one entry per stage, got {len(depths)}, "
+                             f"{len(dims)} and {len(num_heads)}")
+        for dim, heads in zip(dims, num_heads, strict=True):
+            if dim % heads:
+                raise ValueError(f"L2ViT: each of `dims` {tuple(dims)} must be divisible by its `num_heads` "
+                                 f"{tuple(num_heads)}")
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.grad_checkpointing = False
+
+        self.stem = Stem(in_chans, dims[0])
+        dpr = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)
+        self.stages = nn.Sequential(*(
+            L2ViTStage(dims[i - 1] if i else None, dims[i], depths[i], num_heads[i], window_size, mlp_ratio, dpr[i])
+            for i in range(len(depths))
+        ))
+        self.feature_info = [dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}")
+                             for i, dim in enumerate(dims)]
+        self.norm = LayerNorm2d(dims[-1], eps=1e-5)  # before pooling, as the authors
+        self.head = ClassifierHead(dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.named_parameters() if n.endswith("temperature")}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
+            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            name = getattr(self, "pretrained_cfg", {}).get("architecture", "L2ViT")
+            raise ValueError(f"{name}: input `x` must be an image batch [B, {self.in_chans}, H, W] "
+                             f"(in_chans={self.in_chans}), got {got}")
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """The stages' NCHW outputs at ``indices`` (and the final features unless ``intermediates_only``)."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"L2ViT: forward_intermediates supports output_fmt='NCHW', got {output_fmt!r}")
+        self._check_input(x)
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        intermediates = []
+        x = self.stem(x)
+        stages = self.stages if not stop_early else self.stages[:max_index + 1]
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take:
+                intermediates.append(self.norm(x) if norm and i == len(self.stages) - 1 else x)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return self.norm(self.stages(self.stem(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def load_pretrained(self, path: str) -> None:
+        """timm's ``custom_load`` hook: the authors' ``.pth`` (see :func:`load_authors_checkpoint`)."""
+        load_authors_checkpoint(self, path, checkpoint_filter_fn)
+
+
+def load_authors_checkpoint(model: nn.Module, path: str, filter_fn) -> None:
+    """Load an authors' training checkpoint with ``weights_only=True``, allow-listing the ``argparse.Namespace``
+    of their training arguments that it pickles, then convert it with ``filter_fn`` and load it strictly. A head
+    of another class count than the checkpoint's is left at its initialisation."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state_dict = filter_fn(checkpoint, model)
+    own = model.state_dict()
+    head = [k for k in state_dict if k.startswith("head.") and k in own and state_dict[k].shape != own[k].shape]
+    for k in head:
+        state_dict[k] = own[k]
+    model.load_state_dict(state_dict, strict=True)
+
+
+# the authors' names → ours, as (prefix, replacement) in order: the first match applies
+_RENAMES = (
+    ("downsample_layers.0.proj.proj.0.", "stem.conv1."),
+    ("downsample_layers.0.proj.proj.1.", "stem.norm1."),
+    ("downsample_layers.0.proj.proj.3.", "stem.conv2."),
+    ("downsample_layers.0.proj.proj.4.", "stem.norm2."),
+    ("downsample_layers.0.norm.", "stem.norm."),
+    ("head.", "head.fc."),
+)
+
+
+def checkpoint_filter_fn(state_dict: dict, model: L2ViT) -> dict[str, torch.Tensor]:
+    """The authors' layout → ours. Takes their training checkpoint (its EMA weights under ``model_ema``, which
+    reached the published accuracy, else ``model``) or a bare state_dict; ours passes through unchanged."""
+    if "model_ema" in state_dict or "model" in state_dict:
+        state_dict = state_dict.get("model_ema") or state_dict["model"]
+    if "stem.conv1.weight" in state_dict:
+        return state_dict
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in _RENAMES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        else:
+            parts = key.split(".")
+            if parts[0] == "downsample_layers":  # downsample_layers.i.{norm,proj} → stages.i.downsample.{norm,conv}
+                key = f"stages.{parts[1]}.downsample.{'conv' if parts[2] == 'proj' else 'norm'}.{parts[3]}"
+            elif parts[0] == "stages":  # stages.i.j.* → stages.i.blocks.j.*
+                rest = ".".join(parts[3:])
+                rest = rest.replace("cpe.0.", "cpe1." if int(parts[2]) % 2 == 0 else "cpe.").replace(
+                    "cpe.1.", "cpe2.").replace("local_mp.", "lcm.")
+                key = f"stages.{parts[1]}.blocks.{parts[2]}.{rest}"
+        out[key] = value
+    return out
+
+
+def _create_l2vit(variant: str, pretrained: bool = False, **kwargs) -> L2ViT:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        L2ViT, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+        **kwargs,
+    )
+
+
+_RELEASE = "https://github.com/ChuanyangZheng/L2ViT/releases/download/v1.0/"
+
+
+def _cfg(file: str, **kwargs) -> dict:
+    # the authors' .pth files, loaded (and converted) by L2ViT.load_pretrained
+    cfg = dict(url=_RELEASE + file, custom_load=True, num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
+               crop_pct=0.9, interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+               first_conv="stem.conv1", classifier="head.fc", license="mit")
+    return dict(cfg, **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    "l2vit_tiny.in1k": _cfg("L2ViT-Tiny-checkpoint-best-ema.pth"),
+    "l2vit_small.in1k": _cfg("L2ViT-Small-checkpoint-best-ema.pth"),
+    "l2vit_base.in1k": _cfg("L2ViT-Base-checkpoint-best-ema.pth"),
+    "l2vit_base.in22k_ft_in1k": _cfg("L2ViT-Base-22k21k-finetune-224-checkpoint-best.pth"),
+    "l2vit_base_384.in22k_ft_in1k": _cfg("L2ViT-Base-22k21k-finetune-384-checkpoint-best.pth",
+                                         input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+})
+
+_MODELS = dict(
+    l2vit_tiny=dict(depths=(2, 2, 6, 2), dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24)),
+    l2vit_small=dict(depths=(2, 2, 18, 2), dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24)),
+    l2vit_base=dict(depths=(2, 2, 18, 2), dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32)),
+    l2vit_base_384=dict(depths=(2, 2, 18, 2), dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32), window_size=12),
+)
+
+
+@register_model
+def l2vit_tiny(pretrained: bool = False, **kwargs) -> L2ViT:
+    return _create_l2vit("l2vit_tiny", pretrained, **dict(_MODELS["l2vit_tiny"], **kwargs))
+
+
+@register_model
+def l2vit_small(pretrained: bool = False, **kwargs) -> L2ViT:
+    return _create_l2vit("l2vit_small", pretrained, **dict(_MODELS["l2vit_small"], **kwargs))
+
+
+@register_model
+def l2vit_base(pretrained: bool = False, **kwargs) -> L2ViT:
+    return _create_l2vit("l2vit_base", pretrained, **dict(_MODELS["l2vit_base"], **kwargs))
+
+
+@register_model
+def l2vit_base_384(pretrained: bool = False, **kwargs) -> L2ViT:
+    """L2ViT-Base with 12×12 windows, for its 384 px fine-tune."""
+    return _create_l2vit("l2vit_base_384", pretrained, **dict(_MODELS["l2vit_base_384"], **kwargs))

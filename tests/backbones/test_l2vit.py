@@ -1,0 +1,200 @@
+"""L²ViT: the authors' checkpoint layout converted and loaded strictly, the paper's parameter counts, the linear
+attention block against the authors' formula, and the timm model surface."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from attnzoo.backbones.l2vit import L2ViT, LinearAttention, checkpoint_filter_fn
+from attnzoo.kernels import trace, use_backend
+
+SLOW = pytest.mark.slow
+FIXTURE = json.loads((Path(__file__).parents[1] / "fixtures" / "l2vit_state_dict.json").read_text())["variants"]
+TINY = dict(depths=(2, 2, 2, 2), dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4), num_classes=10)
+
+# Parameters in millions, ChuanyangZheng/L2ViT readme.md's table (the paper's Table): T 29M, S 50M, B 89M
+PAPER_PARAMS_M = {"l2vit_tiny": 29, "l2vit_small": 50, "l2vit_base": 89, "l2vit_base_384": 89}
+VARIANTS = ["l2vit_tiny", pytest.param("l2vit_small", marks=SLOW), pytest.param("l2vit_base", marks=SLOW)]
+
+
+def _authors_state_dict(variant: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors under the authors' exact keys and shapes (the fixture, written from their classes)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=gen) if shape else torch.tensor(7)
+            for k, shape in FIXTURE[variant]["state_dict"].items()}
+
+
+def _small_model(**kwargs) -> L2ViT:
+    torch.manual_seed(0)
+    return timm.create_model("l2vit_tiny", **dict(TINY, **kwargs))
+
+
+def test_registered_with_tags_on_the_authors_release():
+    assert set(timm.list_models("l2vit_*")) == {"l2vit_tiny", "l2vit_small", "l2vit_base", "l2vit_base_384"}
+    release = "https://github.com/ChuanyangZheng/L2ViT/releases/download/v1.0/"
+    for tag, file in [("l2vit_tiny.in1k", "L2ViT-Tiny-checkpoint-best-ema.pth"),
+                      ("l2vit_small.in1k", "L2ViT-Small-checkpoint-best-ema.pth"),
+                      ("l2vit_base.in1k", "L2ViT-Base-checkpoint-best-ema.pth"),
+                      ("l2vit_base.in22k_ft_in1k", "L2ViT-Base-22k21k-finetune-224-checkpoint-best.pth"),
+                      ("l2vit_base_384.in22k_ft_in1k", "L2ViT-Base-22k21k-finetune-384-checkpoint-best.pth")]:
+        assert timm.models.get_pretrained_cfg(tag).url == release + file
+
+
+@pytest.mark.parametrize("name", ["l2vit_tiny", "l2vit_small", "l2vit_base", "l2vit_base_384"])
+def test_parameter_counts(name):
+    """Exactly the authors' model (its count recorded in the fixture), which the paper rounds to whole millions."""
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == FIXTURE[name.removesuffix("_384")]["params"]
+    assert round(count / 1e6) == PAPER_PARAMS_M[name]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_converter_loads_the_authors_layout_strictly(name):
+    model = timm.create_model(name)
+    authors = _authors_state_dict(name)
+    converted = checkpoint_filter_fn({"model": {}, "model_ema": authors}, model)
+    model.load_state_dict(converted, strict=True)
+    torch.testing.assert_close(model.stem.conv1.weight, authors["downsample_layers.0.proj.proj.0.weight"])
+    torch.testing.assert_close(model.stages[1].downsample.norm.weight, authors["downsample_layers.1.norm.weight"])
+    torch.testing.assert_close(model.stages[0].blocks[1].lcm.bn.running_var,
+                               authors["stages.0.1.local_mp.bn.running_var"])
+    torch.testing.assert_close(model.head.fc.weight, authors["head.weight"])
+    # our own layout passes through unchanged
+    assert checkpoint_filter_fn(model.state_dict(), model).keys() == model.state_dict().keys()
+
+
+def _release_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variant: str, ema: dict) -> Path:
+    """The release file as the authors' training script saves it, in an offline torch hub cache."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    path = tmp_path / "hub" / "checkpoints" / Path(timm.models.get_pretrained_cfg(variant).url).name
+    path.parent.mkdir(parents=True)
+    torch.save({"model": {k: torch.zeros_like(v) for k, v in ema.items()}, "model_ema": ema, "epoch": 299,
+                "args": argparse.Namespace(model="L2ViT_Tiny", drop_path=0.1)}, path)
+    return path
+
+
+def test_pretrained_loads_the_release_files_ema_weights(tmp_path, monkeypatch):
+    ema = _authors_state_dict("l2vit_tiny", seed=1)
+    _release_file(tmp_path, monkeypatch, "l2vit_tiny.in1k", ema)
+    model = timm.create_model("l2vit_tiny.in1k", pretrained=True)
+    torch.testing.assert_close(model.stages[2].blocks[3].attn.temperature, ema["stages.2.3.attn.temperature"])
+    torch.testing.assert_close(model.head.fc.bias, ema["head.bias"])
+    # another class count keeps everything but the head
+    model = timm.create_model("l2vit_tiny.in1k", pretrained=True, num_classes=5)
+    assert model.head.fc.weight.shape == (5, 768)
+    torch.testing.assert_close(model.norm.weight, ema["norm.weight"])
+
+
+def test_linear_attention_is_the_authors_formula():
+    """ChuanyangZheng/L2ViT LinearAttention.forward: τ (φ(q) · φ(k)ᵀv) / clamp(φ(q) · Σφ(k), 100)."""
+    torch.manual_seed(2)
+    attn = LinearAttention(48, num_heads=3)
+    attn.temperature.data.uniform_(0.1, 0.5)
+    x = torch.randn(2, 7, 9, 48) + 0.3  # NHWC; the clamp binds some tokens, not others
+    B, N, C = 2, 63, 48
+    q, k, v = attn.qkv(x.reshape(B, N, C)).reshape(B, N, 3, 3, 16).permute(2, 0, 3, 1, 4)
+    q, k = F.relu(q), F.relu(k)
+    denom = torch.clamp(q @ k.transpose(-2, -1).sum(dim=-1, keepdim=True), 1e2)
+    assert (denom == 100).any() and (denom > 100).any()
+    want = attn.proj(((q @ ((k.transpose(-2, -1) @ v) * attn.temperature)) / denom).transpose(1, 2).reshape(B, N, C))
+    torch.testing.assert_close(attn(x).reshape(B, N, C), want, atol=1e-6, rtol=1e-5)
+
+
+def test_blocks_alternate_local_and_global():
+    model = _small_model()
+    for stage in model.stages:
+        assert [type(b).__name__ for b in stage.blocks] == ["DaVitBlock", "LinearGlobalBlock"]
+
+
+@pytest.mark.parametrize("size", [(64, 64), (50, 37)])
+def test_any_input_size(size):
+    model = _small_model(features_only=True).eval()
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, *size))
+    h, w = math.ceil(size[0] / 4), math.ceil(size[1] / 4)
+    for i, f in enumerate(feats):
+        assert f.shape == (1, TINY["dims"][i], h, w)
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+
+
+@pytest.mark.parametrize("size", [(56, 56), (45, 40)])
+def test_triton_backend_matches_torch(size):
+    model = _small_model(depths=(2, 2), dims=(32, 64), num_heads=(1, 2)).eval()
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), use_backend("torch"):
+        want = model(x)
+    with torch.no_grad(), use_backend("triton"), trace() as calls:
+        got = model(x)
+    assert {op for op, backend in calls if backend == "triton"} == {"window_attention", "linear_attention"}
+    assert all(backend == "triton" for _, backend in calls)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    model = _small_model().train()
+    x = torch.randn(2, 3, 32, 32)
+
+    def grads():
+        model.zero_grad()
+        torch.manual_seed(4)
+        model(x).square().sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    model.set_grad_checkpointing(True)
+    assert all(stage.grad_checkpointing for stage in model.stages)
+    for a, b in zip(plain, grads(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_fullgraph():
+    model = _small_model().eval()
+    x = torch.randn(1, 3, 40, 48)
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-6, rtol=1e-5)
+
+
+def test_features_only_feature_info():
+    model = _small_model(features_only=True, out_indices=(1, 3)).eval()
+    assert model.feature_info.channels() == [64, 128]
+    assert model.feature_info.reduction() == [8, 32]
+    full = _small_model().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = model(x)
+        _, intermediates = full.forward_intermediates(x, indices=(1, 3))
+    for f, g in zip(feats, intermediates, strict=True):
+        torch.testing.assert_close(f, g)
+
+
+def test_model_surface():
+    model = _small_model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (2, 128, 1, 1)
+        assert model.forward_head(features, pre_logits=True).shape == (2, 128)
+        torch.testing.assert_close(model.forward_head(features), model(x))
+        model.reset_classifier(3)
+        assert model(x).shape == (2, 3) and model.get_classifier().out_features == 3
+        model.reset_classifier(0)
+        assert model(x).shape == (2, 128)
+    assert "stages.0.blocks.1.attn.temperature" in model.no_weight_decay()
+
+
+def test_bad_input_is_a_clear_error():
+    model = _small_model()
+    with pytest.raises(ValueError, match=r"l2vit_tiny: input `x` must be an image batch \[B, 3, H, W\]"):
+        model(torch.randn(1, 4, 32, 32))
+    with pytest.raises(ValueError, match=r"L2ViT: each of `dims` \(32, 64, 96, 130\) must be divisible"):
+        L2ViT(dims=(32, 64, 96, 130), num_heads=(1, 2, 3, 4))
