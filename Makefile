@@ -33,7 +33,16 @@ benchmark: $(STAMP)
 	$(PY) tools/benchmark.py
 
 demo: $(STAMP)
-	$(PY) tools/benchmark.py --quick
+	$(PY) -m pip install --quiet -c constraints.txt matplotlib
+	$(PY) -m attnzoo.data outputs/demo/shapes --train-per-class 300 --val-per-class 40 --image-size 48
+	rm -rf outputs/demo/run outputs/demo/hub
+	$(PY) tools/train.py outputs/demo/shapes --output outputs/demo/run --model davit_tiny \
+	  --model-args '{"embed_dims": [32, 64, 128, 256], "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8]}' \
+	  --img-size 48 --epochs 20 --batch-size 32 --lr 1e-3 --mixup 0 --cutmix 0 --aa '' --scale 0.7 1 \
+	  --reprob 0 --workers 1
+	$(PY) tools/publish.py outputs/demo/run --out outputs/demo/hub
+	$(PY) tools/eval.py local-dir:outputs/demo/hub outputs/demo/shapes --workers 1
+	@echo "outputs: outputs/demo/run (log.csv, curves.png, checkpoints/), outputs/demo/hub (timm's Hub layout)"
 
 # opt-in: mmcv 2.1.0 with its compiled ops (deformable convolution and the rest), replacing mmcv-lite; about 20 min
 # on 2 cores. torch >= 2.14 headers need C++20 but mmcv's setup.py asks for C++17: a g++ wrapper swaps the flag.

@@ -1,6 +1,6 @@
 """A procedurally generated "shapes" dataset, so the tools run with no download.
 
-Each image shows one or two shapes of a single class (circle, square, triangle, hexagon, star), in random
+Each image shows one or two shapes of a single class (circle, square, triangle, star, cross), in random
 colours, sizes, positions and rotations, that never overlap, on a textured background (noise, stripes or a
 checkerboard). The class of an image is the class of its shapes, so the same images serve classification
 (an ImageNet-style folder) and detection/segmentation (a COCO json with boxes and polygon masks).
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-CLASSES = ("circle", "square", "triangle", "hexagon", "star")
+CLASSES = ("circle", "square", "triangle", "star", "cross")
 SPLITS = ("train", "val")
 _MANIFEST = "shapes.json"
 
@@ -38,10 +38,16 @@ class ShapesSpec:
 
 def _outline(cls: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     """The polygon of a shape of circumradius ``r`` centred at (cx, cy), rotated by ``angle``."""
+    if cls == "cross":  # a plus sign with arms 0.4 r wide: 12 corners
+        w = 0.2 * r
+        local = [(w, w), (r, w), (r, -w), (w, -w), (w, -r), (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r),
+                 (w, r)]
+        c, s = math.cos(angle), math.sin(angle)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in local]
     if cls == "star":  # five points, inner radius 0.45 r
         radii = [r if j % 2 == 0 else 0.45 * r for j in range(10)]
     else:
-        corners = {"circle": 48, "square": 4, "triangle": 3, "hexagon": 6}[cls]
+        corners = {"circle": 48, "square": 4, "triangle": 3}[cls]
         radii = [r] * corners
     n = len(radii)
     return [

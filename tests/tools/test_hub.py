@@ -38,7 +38,7 @@ def test_publish_writes_a_hub_folder_timm_loads_and_eval_measures(trained, shape
     assert sorted(p.name for p in hub.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((hub / "config.json").read_text())
     assert config["architecture"] == "davit_tiny" and config["num_classes"] == 5
-    assert config["label_names"] == ["circle", "hexagon", "square", "star", "triangle"]
+    assert config["label_names"] == ["circle", "cross", "square", "star", "triangle"]
     assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
     model = timm.create_model(f"local-dir:{hub}", pretrained=True)
     ckpt = trained / "checkpoints" / json.loads((trained / "checkpoints" / "last.json").read_text())["checkpoint"]

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import timm
 import torch
 from safetensors.torch import load_file
@@ -67,9 +66,8 @@ def test_killed_and_resumed_run_reaches_the_same_weights(shapes, tmp_path):
     """Augmentation, mixup and drop-path all draw random numbers; SIGKILL mid-epoch, resume, compare at step 8."""
     env = tool_env()
     args = ("--max-steps", "8", "--checkpoint-every", "2")
-    whole = subprocess.run(_train_cmd(shapes, tmp_path / "whole", *args), env=env, capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stderr
-
+    whole = subprocess.Popen(_train_cmd(shapes, tmp_path / "whole", *args), env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)  # alongside the run to be killed
     killed = subprocess.Popen(_train_cmd(shapes, tmp_path / "killed", *args), env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pointer = tmp_path / "killed" / "checkpoints" / "last.json"
@@ -80,11 +78,12 @@ def test_killed_and_resumed_run_reaches_the_same_weights(shapes, tmp_path):
     assert killed.wait() == -signal.SIGKILL
     stopped_at = json.loads(pointer.read_text())["step"]
     assert stopped_at < 8
+    assert whole.wait() == 0, whole.stderr.read()
 
     resumed = subprocess.run(_train_cmd(shapes, tmp_path / "killed", "--resume", "--max-steps", "8"), env=env,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from" in resumed.stdout and f"at step {stopped_at}" in resumed.stdout
+    assert "resumed from" in resumed.stdout and f"at step {stopped_at}" in resumed.stdout
     a, b = _tensors(_checkpoint(tmp_path / "whole")), _tensors(_checkpoint(tmp_path / "killed"))
     assert a.keys() == b.keys()
     assert [k for k in a if k.startswith("model/") and not torch.equal(a[k], b[k])] == []
