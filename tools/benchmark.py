@@ -73,7 +73,8 @@ def measure(fns: dict[str, Callable[[], object]], device: torch.device, min_seco
 # ---------------------------------------------------------------------------------------------------- ops
 
 # the models whose attention calls give the op shapes, at their default input size
-OP_SOURCES = ["davit_tiny", "davit_base", "maxvit_tiny_tf_224", "halonet26t", "halonet50ts"]
+OP_SOURCES = ["davit_tiny", "davit_base", "maxvit_tiny_tf_224", "halonet26t", "halonet50ts",
+              "sparsifiner_deit_small_patch16_224", "ela_b_resnet18", "ulsam_mobilenetv2_100"]
 
 
 def capture_op_calls(name: str, batch: int, device, dtype) -> list[tuple[str, tuple, dict]]:
@@ -108,6 +109,10 @@ def capture_op_calls(name: str, batch: int, device, dtype) -> list[tuple[str, tu
     return calls
 
 
+def as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
 def describe(args, kwargs) -> str:
     shapes = ["x".join(map(str, a.shape)) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
     return " ".join(shapes[:3]) + (" +bias" if len(shapes) > 3 else "")
@@ -140,12 +145,11 @@ def bench_ops(names, device, dtype, batch, min_seconds) -> list[Row]:
             leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                       for a in args]
             grad_args = [a for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
-            out = fn(*leaves, **kwargs)
-            grad = torch.randn_like(out)
+            grads = [torch.randn_like(o) for o in as_tuple(fn(*leaves, **kwargs))]
 
-            def train(backend, fn=fn, leaves=leaves, kwargs=kwargs, grad_args=grad_args, grad=grad):
+            def train(backend, fn=fn, leaves=leaves, kwargs=kwargs, grad_args=grad_args, grads=grads):
                 with use_backend(backend) if backend else contextlib.nullcontext():
-                    return torch.autograd.grad(fn(*leaves, **kwargs), grad_args, grad)
+                    return torch.autograd.grad(as_tuple(fn(*leaves, **kwargs)), grad_args, grads)
 
             ms = measure({k: (lambda b=b: train(b)) for k, b in impls.items()}, device, min_seconds)
             rows.append(Row("op", op, f"{name}: {shape}", "fwd+bwd", ms))
@@ -154,15 +158,26 @@ def bench_ops(names, device, dtype, batch, min_seconds) -> list[Row]:
 
 # ------------------------------------------------------------------------------------------------- models
 
-# each family's smallest and base variant, with the timm module that holds timm's own implementation
+# attnzoo model -> what timm users run instead: timm's own class where timm has the model (the same weights),
+# else the plain timm backbone the attnzoo model is built on
 MODELS = {
-    "davit_tiny": "timm.models.davit",
-    "davit_base": "timm.models.davit",
-    "maxvit_tiny_tf_224": "timm.models.maxxvit",
-    "maxvit_base_tf_224": "timm.models.maxxvit",
-    "halonet26t": "timm.models.byoanet",
-    "halonet50ts": "timm.models.byoanet",
+    "davit_tiny": "timm.models.davit.davit_tiny",
+    "davit_base": "timm.models.davit.davit_base",
+    "maxvit_tiny_tf_224": "timm.models.maxxvit.maxvit_tiny_tf_224",
+    "maxvit_base_tf_224": "timm.models.maxxvit.maxvit_base_tf_224",
+    "halonet26t": "timm.models.byoanet.halonet26t",
+    "halonet50ts": "timm.models.byoanet.halonet50ts",
+    "sparsifiner_deit_small_patch16_224": "timm.models.deit.deit_small_patch16_224",
+    "ela_b_resnet18": "timm.models.resnet.resnet18",
+    "ela_s_resnet50": "timm.models.resnet.resnet50",
+    "ulsam_mobilenetv2_100": "timm.models.efficientnet.mobilenetv2_100",
 }
+BASE_VARIANTS = ("davit_base", "maxvit_base_tf_224", "halonet50ts", "ela_s_resnet50")
+
+
+def timm_counterpart(name: str) -> torch.nn.Module:
+    module, fn = MODELS[name].rsplit(".", 1)
+    return getattr(importlib.import_module(module), fn)()
 
 
 def ours_registered(name: str) -> bool:
@@ -180,8 +195,9 @@ def bench_models(names, device, dtype, batch, min_seconds) -> list[Row]:
             print(f"skipping {name}: attnzoo does not provide it yet", file=sys.stderr)
             continue
         ours = timm.create_model(name)
-        theirs = getattr(importlib.import_module(MODELS[name]), name)()
-        theirs.load_state_dict(ours.state_dict())
+        theirs = timm_counterpart(name)
+        if set(theirs.state_dict()) == set(ours.state_dict()):
+            theirs.load_state_dict(ours.state_dict())
         size = ours.pretrained_cfg["input_size"][1:]
         x = torch.randn(batch, 3, *size, device=device, dtype=dtype)
         models = {"ours": ours, "timm": theirs}
@@ -242,7 +258,7 @@ def main(argv=None) -> int:
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--op-models", default=",".join(OP_SOURCES),
                    help="comma-separated models whose attention calls give the op shapes, or 'none'")
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated model names, or 'none'")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}; or 'none'")
     p.add_argument("--batch", type=int, help="images per call (default 64 on CUDA, 4 on CPU)")
     p.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark.json"))
@@ -255,14 +271,14 @@ def main(argv=None) -> int:
     min_seconds = 0.3 if args.quick else 1.0
     import timm
 
-    for flag, arg in (("--models", args.models), ("--op-models", args.op_models)):
-        unknown = [n for n in arg.split(",") if n != "none" and not timm.is_model(n)]
-        if unknown:
-            p.error(f"{flag}: {unknown} are not registered models")
+    unknown = [n for n in args.op_models.split(",") if n != "none" and not timm.is_model(n)]
+    unknown += [n for n in args.models.split(",") if n != "none" and n not in MODELS]
+    if unknown:
+        p.error(f"--models / --op-models: {unknown} are not among the benchmarked models")
 
     def chosen(arg: str) -> list[str]:
         names = [] if arg == "none" else arg.split(",")
-        return [n for n in names if not (args.quick and n.endswith(("_base", "base_tf_224", "50ts")))]
+        return [n for n in names if not (args.quick and n in BASE_VARIANTS)]
 
     rows = bench_ops(chosen(args.op_models), device, dtype, batch, min_seconds)
     rows += bench_models(chosen(args.models), device, dtype, batch, min_seconds)
