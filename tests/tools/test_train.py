@@ -66,8 +66,9 @@ def test_killed_and_resumed_run_reaches_the_same_weights(shapes, tmp_path):
     """Augmentation, mixup and drop-path all draw random numbers; SIGKILL mid-epoch, resume, compare at step 8."""
     env = tool_env()
     args = ("--max-steps", "8", "--checkpoint-every", "2")
-    whole = subprocess.Popen(_train_cmd(shapes, tmp_path / "whole", *args), env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)  # alongside the run to be killed
+    whole_log = (tmp_path / "whole.log").open("w")  # a file, not a pipe nobody reads while the runs go on
+    whole = subprocess.Popen(_train_cmd(shapes, tmp_path / "whole", *args), env=env, stdout=whole_log,
+                             stderr=subprocess.STDOUT)  # alongside the run to be killed
     killed = subprocess.Popen(_train_cmd(shapes, tmp_path / "killed", *args), env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pointer = tmp_path / "killed" / "checkpoints" / "last.json"
@@ -78,7 +79,7 @@ def test_killed_and_resumed_run_reaches_the_same_weights(shapes, tmp_path):
     assert killed.wait() == -signal.SIGKILL
     stopped_at = json.loads(pointer.read_text())["step"]
     assert stopped_at < 8
-    assert whole.wait() == 0, whole.stderr.read()
+    assert whole.wait() == 0, (tmp_path / "whole.log").read_text()[-3000:]
 
     resumed = subprocess.run(_train_cmd(shapes, tmp_path / "killed", "--resume", "--max-steps", "8"), env=env,
                              capture_output=True, text=True)
