@@ -8,4 +8,4 @@ import warnings
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"Overwriting \S+ in registry", category=UserWarning)
-    from . import davit, ela, halonet, l2vit, maxvit, ninformer, sparsifiner, ulsam  # noqa: F401
+    from . import davit, ela, halonet, l2vit, maxvit, ninformer, ravlt, sparsifiner, ulsam  # noqa: F401
