@@ -14,6 +14,11 @@ from .._checks import check_float, check_rank, check_same, shape_str
 from ..dispatch import select_backend
 from .reference import channel_attention_reference, channel_attention_torch
 
+try:
+    from . import fused
+except ImportError:  # no triton on this platform: the torch and reference paths remain
+    fused = None
+
 __all__ = ["channel_attention"]
 
 OP = "channel_attention"
@@ -38,10 +43,9 @@ def channel_attention(
     _check(q, k, v, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
 
-    from . import fused
-
-    unsupported = fused.unsupported(q)
-    backend = select_backend(OP, q, triton_supported=unsupported is None)
+    # without triton the dispatcher never picks it, and a forced "triton" fails there with the reason
+    unsupported = None if fused is None else fused.unsupported(q)
+    backend = select_backend(OP, q, triton_supported=fused is not None and unsupported is None)
     if backend == "reference":
         return channel_attention_reference(q, k, v, scale)
     if backend == "torch":

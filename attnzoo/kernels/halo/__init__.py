@@ -20,6 +20,11 @@ from .._checks import check_float, check_rank, check_same, shape_str
 from ..dispatch import select_backend
 from .reference import halo_attention_reference, halo_attention_sdpa
 
+try:
+    from . import fused
+except ImportError:  # no triton on this platform: the torch and reference paths remain
+    fused = None
+
 __all__ = ["halo_attention"]
 
 OP = "halo_attention"
@@ -56,10 +61,9 @@ def halo_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     args = (q, k, v, height_rel, width_rel, block_size, halo_size, scale, bool(scale_pos_embed))
 
-    from . import fused
-
-    unsupported = fused.unsupported(q, v, block_size, halo_size)
-    backend = select_backend(OP, q, triton_supported=unsupported is None)
+    # without triton the dispatcher never picks it, and a forced "triton" fails there with the reason
+    unsupported = None if fused is None else fused.unsupported(q, v, block_size, halo_size)
+    backend = select_backend(OP, q, triton_supported=fused is not None and unsupported is None)
     if backend == "reference":
         return halo_attention_reference(*args)
     if backend == "torch":

@@ -15,6 +15,11 @@ from .._checks import check_float, check_rank, check_same, shape_str
 from ..dispatch import select_backend
 from .reference import sparse_attention_reference, sparse_attention_sdpa
 
+try:
+    from . import fused
+except ImportError:  # no triton on this platform: the torch and reference paths remain
+    fused = None
+
 __all__ = ["sparse_attention"]
 
 OP = "sparse_attention"
@@ -44,10 +49,9 @@ def sparse_attention(
     _check(q, k, v, index, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
 
-    from . import fused
-
-    unsupported = fused.unsupported(q)
-    backend = select_backend(OP, q, triton_supported=unsupported is None)
+    # without triton the dispatcher never picks it, and a forced "triton" fails there with the reason
+    unsupported = None if fused is None else fused.unsupported(q)
+    backend = select_backend(OP, q, triton_supported=fused is not None and unsupported is None)
     if backend == "reference":
         return sparse_attention_reference(q, k, v, index, scale)
     if backend == "torch":
