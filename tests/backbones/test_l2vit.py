@@ -198,3 +198,16 @@ def test_bad_input_is_a_clear_error():
         model(torch.randn(1, 4, 32, 32))
     with pytest.raises(ValueError, match=r"L2ViT: each of `dims` \(32, 64, 96, 130\) must be divisible"):
         L2ViT(dims=(32, 64, 96, 130), num_heads=(1, 2, 3, 4))
+
+
+@SLOW
+@pytest.mark.parametrize("name,size", [("l2vit_tiny", 224), ("l2vit_base_384", 384)])
+def test_full_size_forward(name, size):
+    """The published configurations at their resolution: every window tiles, logits and features come out."""
+    model = timm.create_model(name).eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        logits = model(x)
+        feats = model.forward_intermediates(x, intermediates_only=True)
+    assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
+    assert [f.shape[-1] for f in feats] == [size // 4, size // 8, size // 16, size // 32]

@@ -203,3 +203,15 @@ def test_bad_input_is_a_clear_error():
         model(torch.randn(1, 3, 32))
     with pytest.raises(ValueError, match=r"RAVLT: each of `dims` \(16, 32, 48, 60\) must be divisible"):
         RAVLT(dims=(16, 32, 48, 60), num_heads=(1, 2, 3, 4))
+
+
+@SLOW
+@pytest.mark.parametrize("name", ["ravlt_t", "ravlt_l"])
+def test_full_size_forward(name):
+    model = timm.create_model(name).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        logits = model(x)
+        feats = model.forward_intermediates(x, intermediates_only=True)
+    assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
+    assert [f.shape[-1] for f in feats] == [56, 28, 14, 7]
