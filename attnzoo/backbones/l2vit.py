@@ -23,8 +23,6 @@ and 384, computes exactly the same).
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,6 +34,7 @@ from timm.models._registry import generate_default_cfgs, register_model
 from timm.models.davit import ConvPosEnc
 
 from ..kernels import linear_attention
+from ._pretrained import load_authors_checkpoint
 from .davit import DaVitBlock, WindowAttention
 
 __all__ = ["L2ViT", "LinearAttention", "LocalConcentration", "LinearGlobalBlock", "checkpoint_filter_fn"]
@@ -257,22 +256,8 @@ class L2ViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def load_pretrained(self, path: str) -> None:
-        """timm's ``custom_load`` hook: the authors' ``.pth`` (see :func:`load_authors_checkpoint`)."""
+        """timm's ``custom_load`` hook: the authors' ``.pth`` (see :func:`._pretrained.load_authors_checkpoint`)."""
         load_authors_checkpoint(self, path, checkpoint_filter_fn)
-
-
-def load_authors_checkpoint(model: nn.Module, path: str, filter_fn) -> None:
-    """Load an authors' training checkpoint with ``weights_only=True``, allow-listing the ``argparse.Namespace``
-    of their training arguments that it pickles, then convert it with ``filter_fn`` and load it strictly. A head
-    of another class count than the checkpoint's is left at its initialisation."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state_dict = filter_fn(checkpoint, model)
-    own = model.state_dict()
-    head = [k for k in state_dict if k.startswith("head.") and k in own and state_dict[k].shape != own[k].shape]
-    for k in head:
-        state_dict[k] = own[k]
-    model.load_state_dict(state_dict, strict=True)
 
 
 # the authors' names → ours, as (prefix, replacement) in order: the first match applies

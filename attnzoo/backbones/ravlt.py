@@ -38,7 +38,7 @@ from timm.models._registry import generate_default_cfgs, register_model
 
 from ..kernels import linear_attention
 from ..kernels.linear.reference import rotate_pairs
-from .l2vit import load_authors_checkpoint
+from ._pretrained import load_authors_checkpoint
 
 __all__ = ["RAVLT", "RalaAttention", "RavltBlock", "checkpoint_filter_fn"]
 
