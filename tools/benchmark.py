@@ -74,7 +74,7 @@ def measure(fns: dict[str, Callable[[], object]], device: torch.device, min_seco
 
 # the models whose attention calls give the op shapes, at their default input size
 OP_SOURCES = ["davit_tiny", "davit_base", "maxvit_tiny_tf_224", "halonet26t", "halonet50ts",
-              "sparsifiner_deit_small_patch16_224", "ela_b_resnet18", "ulsam_mobilenetv2_100"]
+              "sparsifiner_deit_small_patch16_224", "ela_b_resnet18", "ulsam_mobilenetv2_100", "l2vit_tiny", "ravlt_t"]
 
 
 def capture_op_calls(name: str, batch: int, device, dtype) -> list[tuple[str, tuple, dict]]:
