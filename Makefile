@@ -15,7 +15,7 @@ $(PY):
 
 # Re-runs only when the dependency lists change, so a second `make test` installs nothing.
 $(STAMP): pyproject.toml constraints.txt | $(PY)
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,det]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,det,tools]"
 	touch $@
 
 test: $(STAMP)
@@ -33,7 +33,6 @@ benchmark: $(STAMP)
 	$(PY) tools/benchmark.py
 
 demo: $(STAMP)
-	$(PY) -m pip install --quiet -c constraints.txt matplotlib
 	$(PY) -m attnzoo.data outputs/demo/shapes --train-per-class 300 --val-per-class 40 --image-size 48
 	rm -rf outputs/demo/run outputs/demo/hub
 	$(PY) tools/train.py outputs/demo/shapes --output outputs/demo/run --model davit_tiny \

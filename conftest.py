@@ -11,3 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # the tests choose their backend explicitly; a stray setting from the shell must not leak in
 os.environ.pop("ATTNZOO_BACKEND", None)
+# one intra-op thread per xdist worker: with a worker per core, more threads only contend (small ops slow down
+# by orders of magnitude)
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)
