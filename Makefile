@@ -35,9 +35,8 @@ benchmark: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m attnzoo.data outputs/demo/shapes --train-per-class 300 --val-per-class 40 --image-size 48
 	rm -rf outputs/demo/run outputs/demo/hub
-	$(PY) tools/train.py outputs/demo/shapes --output outputs/demo/run --model davit_tiny \
-	  --model-args '{"embed_dims": [32, 64, 128, 256], "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8]}' \
-	  --img-size 48 --epochs 20 --batch-size 32 --lr 1e-3 --mixup 0 --cutmix 0 --aa '' --scale 0.7 1 \
+	$(PY) tools/train.py outputs/demo/shapes --output outputs/demo/run --model ela_b_resnet18 \
+	  --img-size 48 --epochs 10 --batch-size 32 --lr 3e-3 --mixup 0 --cutmix 0 --aa '' --scale 0.7 1 \
 	  --reprob 0 --workers 1
 	$(PY) tools/publish.py outputs/demo/run --out outputs/demo/hub
 	$(PY) tools/eval.py local-dir:outputs/demo/hub outputs/demo/shapes --workers 1
