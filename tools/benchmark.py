@@ -10,8 +10,8 @@ inference and a training step (forward+backward).
     python tools/benchmark.py --quick           # the small models only, shorter timing
     python tools/benchmark.py --op-models davit_tiny --models none --out results.json --md results.md
 
-Implementations are timed round-robin (one call of each, repeated), so drifting clocks and other load hit
-every one alike; each figure is the median call time. A ratio above 1 means attnzoo is faster.
+Implementations are timed round-robin (one call of each, in alternating order, repeated), so drifting clocks
+and other load hit every one alike; each figure is the median call time. A ratio above 1 means attnzoo is faster.
 """
 from __future__ import annotations
 
@@ -59,9 +59,11 @@ def measure(fns: dict[str, Callable[[], object]], device: torch.device, min_seco
         fn()
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns.items())
     start = time.perf_counter()
-    while time.perf_counter() - start < min_seconds or min(len(t) for t in times.values()) < 3:
-        for name, fn in fns.items():
+    while time.perf_counter() - start < min_seconds or min(len(t) for t in times.values()) < 4:
+        order.reverse()  # alternate who goes first: the first call of a round runs on a different cache state
+        for name, fn in order:
             sync(device)
             t0 = time.perf_counter()
             fn()

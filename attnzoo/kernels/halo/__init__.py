@@ -67,7 +67,9 @@ def halo_attention(
     if backend == "reference":
         return halo_attention_reference(*args)
     if backend == "torch":
-        return halo_attention_sdpa(*args)
+        # on the CPU, SDPA with the relative logits as its mask is slower than the eager formula's two matmuls
+        # (0.8-0.9x forward on HaloNet-26t's shapes, tools/benchmark.py)
+        return halo_attention_sdpa(*args) if q.is_cuda else halo_attention_reference(*args)
     if unsupported is not None:
         raise ValueError(f"{OP}: the triton backend {unsupported}")
     return fused.halo_attention_fused(*args)
