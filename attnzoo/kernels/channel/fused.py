@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton import dot, fp32_dot
 from ..dispatch import interpreting
 
 MAX_D = 128
@@ -35,11 +36,8 @@ def unsupported(q: torch.Tensor) -> str | None:
 
 @triton.jit
 def _dot(a, b, FP32_DOT: tl.constexpr):
-    # fp32 operands in exact ieee fp32 (no tf32); FP32_DOT also covers bf16 under the interpreter, whose bf16
-    # tl.dot is wrong
-    if FP32_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b.to(a.dtype))
+    # b is the fp32 hd × hd state or its gradient: it meets a in a's dtype
+    return dot(a, b.to(a.dtype), FP32_DOT)
 
 
 @triton.jit
@@ -161,7 +159,7 @@ class _Launch:
             splits = max(1, triton.cdiv(target, self.BG))
         self.blocks_per_split = triton.cdiv(self.n_blocks, min(splits, self.n_blocks))
         self.splits = triton.cdiv(self.n_blocks, self.blocks_per_split)
-        self.fp32_dot = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and interpreting())
+        self.fp32_dot = fp32_dot(q.dtype)
         self.num_warps = 4 if self.BLOCK_D <= 64 else 8
 
     def outer_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

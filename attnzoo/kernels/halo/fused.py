@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import interpreting
+from .._triton import dot, fp32_dot
 
 MAX_WIN, MAX_D = 16, 128  # win² ≤ 256 keys and bq² ≤ b² ≤ 256 queries fit one tile
 LOG2E = 1.4426950408889634
@@ -46,15 +46,6 @@ def _pad(n: int) -> int:
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    # Triton's interpreter multiplies bf16 operands wrongly: there (and for fp32 inputs) compute in fp32
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
 def _tile(
     q_ptr, k_ptr, v_ptr, hr_ptr, wr_ptr, bi, bj, b, n,
     sq_b, sq_n, sq_h, sq_w, sq_d, sk_b, sk_n, sk_h, sk_w, sk_d, sv_b, sv_n, sv_h, sv_w, sv_d,
@@ -62,7 +53,7 @@ def _tile(
     BLOCK: tl.constexpr, HALO: tl.constexpr, BQ: tl.constexpr, WIN: tl.constexpr,
     Q_PAD: tl.constexpr, K_PAD: tl.constexpr, R_PAD: tl.constexpr,
     DQK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    FP32: tl.constexpr,
 ):
     """Query block (bi, bj) of image b, head n, and its neighbourhood: the loaded tiles and the softmax P."""
     qi = tl.arange(0, Q_PAD)
@@ -88,14 +79,14 @@ def _tile(
 
     # relative logits: column ky − y + win − 1 of q·height_relᵀ plus column kx − x + win − 1 of q·width_relᵀ
     # (clamped only for the padding rows and columns, whose logits are discarded)
-    rel_h = _dot(q, tl.trans(hr), UPCAST, PRECISION)  # [Q_PAD, R_PAD]
-    rel_w = _dot(q, tl.trans(wr), UPCAST, PRECISION)
+    rel_h = dot(q, tl.trans(hr), FP32)  # [Q_PAD, R_PAD]
+    rel_w = dot(q, tl.trans(wr), FP32)
     col_h = tl.minimum(tl.maximum(ky[None, :] - qy[:, None] + WIN - 1, 0), R_PAD - 1)
     col_w = tl.minimum(tl.maximum(kx[None, :] - qx[:, None] + WIN - 1, 0), R_PAD - 1)
     pos = tl.gather(rel_h, col_h, 1) + tl.gather(rel_w, col_w, 1)  # [Q_PAD, K_PAD]
 
     # base-2 logits log2(e)·(scale·q kᵀ + pos_scale·pos); the whole row is in the tile, so softmax is exact
-    s = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale_qk + pos * scale_pos
+    s = dot(q, tl.trans(k), FP32) * scale_qk + pos * scale_pos
     s = tl.where(k_ok[None, :], s, float("-inf"))
     p = tl.exp2(s - tl.max(s, 1)[:, None])
     p = p / tl.sum(p, 1)[:, None]
@@ -111,7 +102,7 @@ def _fwd_kernel(
     BLOCK: tl.constexpr, HALO: tl.constexpr, BQ: tl.constexpr, WIN: tl.constexpr,
     Q_PAD: tl.constexpr, K_PAD: tl.constexpr, R_PAD: tl.constexpr,
     DQK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    FP32: tl.constexpr,
 ):
     nw = W // BLOCK
     bi, bj = tl.program_id(0) // nw, tl.program_id(0) % nw
@@ -120,8 +111,8 @@ def _fwd_kernel(
         q_ptr, k_ptr, v_ptr, hr_ptr, wr_ptr, bi, bj, b, n,
         sq_b, sq_n, sq_h, sq_w, sq_d, sk_b, sk_n, sk_h, sk_w, sk_d, sv_b, sv_n, sv_h, sv_w, sv_d,
         s_hr_r, s_hr_d, s_wr_r, s_wr_d, H, W, DQK, DV, scale_qk, scale_pos,
-        BLOCK, HALO, BQ, WIN, Q_PAD, K_PAD, R_PAD, DQK_PAD, DV_PAD, UPCAST, PRECISION)
-    out = _dot(p.to(v.dtype), v, UPCAST, PRECISION)
+        BLOCK, HALO, BQ, WIN, Q_PAD, K_PAD, R_PAD, DQK_PAD, DV_PAD, FP32)
+    out = dot(p.to(v.dtype), v, FP32)
     o_rows = o_ptr + b * so_b + n * so_n + (bi * BQ + qy) * so_h + (bj * BQ + qx) * so_w
     tl.store(o_rows[:, None] + dv[None, :] * so_d, out.to(o_ptr.dtype.element_ty),
              mask=q_ok[:, None] & (dv < DV)[None, :])
@@ -136,7 +127,7 @@ def _bwd_kernel(
     BLOCK: tl.constexpr, HALO: tl.constexpr, BQ: tl.constexpr, WIN: tl.constexpr,
     Q_PAD: tl.constexpr, K_PAD: tl.constexpr, R_PAD: tl.constexpr,
     DQK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    WIN_PAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    WIN_PAD: tl.constexpr, FP32: tl.constexpr,
 ):
     """dq is written in place (each query has one block); dk, dv, dhr, dwr are contiguous fp32 buffers that
     take atomic adds (a halo key sits in several neighbourhoods, the tables serve every program)."""
@@ -147,44 +138,44 @@ def _bwd_kernel(
         q_ptr, k_ptr, v_ptr, hr_ptr, wr_ptr, bi, bj, b, n,
         sq_b, sq_n, sq_h, sq_w, sq_d, sk_b, sk_n, sk_h, sk_w, sk_d, sv_b, sv_n, sv_h, sv_w, sv_d,
         s_hr_r, s_hr_d, s_wr_r, s_wr_d, H, W, DQK, DV, scale_qk, scale_pos,
-        BLOCK, HALO, BQ, WIN, Q_PAD, K_PAD, R_PAD, DQK_PAD, DV_PAD, UPCAST, PRECISION)
+        BLOCK, HALO, BQ, WIN, Q_PAD, K_PAD, R_PAD, DQK_PAD, DV_PAD, FP32)
     q_cols = (bi * BQ + qy) * sdo_h + (bj * BQ + qx) * sdo_w
     do = tl.load(do_ptr + b * sdo_b + n * sdo_n + q_cols[:, None] + dv[None, :] * sdo_d,
                  mask=q_ok[:, None] & (dv < DV)[None, :], other=0.0)
     key = ((b * NHEADS + n) * H + iy) * W + ix  # this tile's keys in the contiguous accumulators
 
-    d_v = _dot(tl.trans(p.to(do.dtype)), do, UPCAST, PRECISION)  # [K_PAD, DV_PAD]
+    d_v = dot(tl.trans(p.to(do.dtype)), do, FP32)  # [K_PAD, DV_PAD]
     tl.atomic_add(dv_ptr + key[:, None] * DV + dv[None, :], d_v, mask=k_in[:, None] & (dv < DV)[None, :])
-    dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
+    dp = dot(do, tl.trans(v), FP32)
     ds = p * (dp - tl.sum(p * dp, 1)[:, None])  # gradient of the natural-unit logits
     ds = tl.where(q_ok[:, None], ds, 0.0)
-    d_k = _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, PRECISION) * scale
+    d_k = dot(tl.trans(ds.to(q.dtype)), q, FP32) * scale
     tl.atomic_add(dk_ptr + key[:, None] * DQK + dqk[None, :], d_k, mask=k_in[:, None] & (dqk < DQK)[None, :])
-    d_q = _dot(ds.to(k.dtype), k, UPCAST, PRECISION) * scale
+    d_q = dot(ds.to(k.dtype), k, FP32) * scale
 
     # relative logits backwards: sum dpos over each window row (column) with a one-hot product, then shift
     # each query's sums to relative indices: table row r meets window row r − win + 1 + y
     dpos = ds * pos_scale
     c = tl.arange(0, WIN_PAD)
-    row_sum = _dot(dpos, ((ky[:, None] == c[None, :]) & k_ok[:, None]).to(tl.float32), UPCAST, PRECISION)
-    col_sum = _dot(dpos, ((kx[:, None] == c[None, :]) & k_ok[:, None]).to(tl.float32), UPCAST, PRECISION)
+    row_sum = dot(dpos, ((ky[:, None] == c[None, :]) & k_ok[:, None]).to(tl.float32), FP32)
+    col_sum = dot(dpos, ((kx[:, None] == c[None, :]) & k_ok[:, None]).to(tl.float32), FP32)
     src_h = r[None, :] - WIN + 1 + qy[:, None]
     src_w = r[None, :] - WIN + 1 + qx[:, None]
     d_rel_h = tl.gather(row_sum, tl.minimum(tl.maximum(src_h, 0), WIN_PAD - 1), 1)
     d_rel_w = tl.gather(col_sum, tl.minimum(tl.maximum(src_w, 0), WIN_PAD - 1), 1)
     d_rel_h = tl.where((src_h >= 0) & (src_h < WIN), d_rel_h, 0.0)  # [Q_PAD, R_PAD]
     d_rel_w = tl.where((src_w >= 0) & (src_w < WIN), d_rel_w, 0.0)
-    d_q += _dot(d_rel_h.to(hr.dtype), hr, UPCAST, PRECISION)
-    d_q += _dot(d_rel_w.to(wr.dtype), wr, UPCAST, PRECISION)
+    d_q += dot(d_rel_h.to(hr.dtype), hr, FP32)
+    d_q += dot(d_rel_w.to(wr.dtype), wr, FP32)
     dq_rows = dq_ptr + b * sdq_b + n * sdq_n + (bi * BQ + qy) * sdq_h + (bj * BQ + qx) * sdq_w
     tl.store(dq_rows[:, None] + dqk[None, :] * sdq_d, d_q.to(dq_ptr.dtype.element_ty),
              mask=q_ok[:, None] & (dqk < DQK)[None, :])
 
     rel_ok = (r < 2 * WIN - 1)[:, None] & (dqk < DQK)[None, :]
     tl.atomic_add(dhr_ptr + r[:, None] * DQK + dqk[None, :],
-                  _dot(tl.trans(d_rel_h.to(q.dtype)), q, UPCAST, PRECISION), mask=rel_ok)
+                  dot(tl.trans(d_rel_h.to(q.dtype)), q, FP32), mask=rel_ok)
     tl.atomic_add(dwr_ptr + r[:, None] * DQK + dqk[None, :],
-                  _dot(tl.trans(d_rel_w.to(q.dtype)), q, UPCAST, PRECISION), mask=rel_ok)
+                  dot(tl.trans(d_rel_w.to(q.dtype)), q, FP32), mask=rel_ok)
 
 
 def _launch_args(q, k, v, height_rel, width_rel, block: int, halo: int, scale: float, scale_pos_embed: bool):
@@ -197,8 +188,7 @@ def _launch_args(q, k, v, height_rel, width_rel, block: int, halo: int, scale: f
     const = dict(
         BLOCK=block, HALO=halo, BQ=bq, WIN=win, Q_PAD=_pad(bq * bq), K_PAD=_pad(win * win),
         R_PAD=_pad(2 * win - 1), DQK_PAD=_pad(DQK), DV_PAD=_pad(v.shape[-1]),
-        UPCAST=interpreting() or q.dtype == torch.float32,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FP32=fp32_dot(q.dtype),
         num_warps=8,
     )
     return grid, scalars, const, pos_scale

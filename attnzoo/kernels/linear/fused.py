@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton import dot, fp32_dot
 from ..dispatch import interpreting
 
 MAX_D = 128
@@ -40,10 +41,8 @@ def unsupported(q: torch.Tensor) -> str | None:
 
 @triton.jit
 def _dot(a, b, FP32_DOT: tl.constexpr, DTYPE: tl.constexpr):
-    # fp32 in exact ieee fp32; also for bf16 under the interpreter, whose bf16 tl.dot is wrong
-    if FP32_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a.to(DTYPE), b.to(DTYPE))
+    # the operands meet in the inputs' dtype (the state and gradients are accumulated in fp32)
+    return dot(a.to(DTYPE), b.to(DTYPE), FP32_DOT)
 
 
 @triton.jit
@@ -356,7 +355,7 @@ class _Launch:
         self.n_blocks = triton.cdiv(N, self.BLOCK_N)
         self.flags = dict(FEATURE=0 if feature_map == "relu" else 1, ROPE=cos is not None,
                           BLOCK_N=self.BLOCK_N, BLOCK_D=self.BLOCK_D,
-                          FP32_DOT=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and interpreting()),
+                          FP32_DOT=fp32_dot(q.dtype),
                           num_warps=4 if self.BLOCK_D <= 64 else 8)
         self.reweight = reweight_scale is not None
         self.reweight_scale = reweight_scale or 0.0

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import interpreting
+from .._triton import dot, fp32_dot
 
 MAX_N, MAX_D = 256, 128
 # The automatic choice takes the fused kernel up to this window size; larger windows (12×12 = 144 at 384 px)
@@ -49,23 +49,14 @@ def preferred(q: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    # Triton's interpreter multiplies bf16 operands wrongly: there, compute in fp32
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
 def _window_logits(
     q, k, bias_ptr, mask_ptr, j, h, b, win_ok, N, Gm, scale_log2,
     s_bias_g, s_bias_h, s_bias_n, s_bias_m, s_mask_g, s_mask_n,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    FP32: tl.constexpr,
 ):
     """Base-2 logits log2(e)·(scale·q kᵀ + bias) of BLOCK_W windows, -inf for keys that take no part."""
-    s = _dot(q, tl.trans(k, 0, 2, 1), UPCAST, PRECISION) * scale_log2  # [W, N, N]
+    s = dot(q, tl.trans(k, 0, 2, 1), FP32) * scale_log2  # [W, N, N]
     rows = tl.arange(0, BLOCK_N)
     key_ok = (rows < N)[None, None, :]
     if HAS_BIAS:
@@ -92,7 +83,7 @@ def _window_fwd_kernel(
     M, G, Gm, H, N, D, scale_log2,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    FP32: tl.constexpr,
 ):
     i = tl.program_id(0)
     j = tl.program_id(1)
@@ -110,14 +101,14 @@ def _window_fwd_kernel(
     v = tl.load(V + b3 * s_v_b + h * s_v_h + n3 * s_v_n + d3 * s_v_d, mask=ok, other=0.0)
     s = _window_logits(q, k, BIAS, MASK, j, h, b, win_ok, N, Gm, scale_log2,
                        s_bias_g, s_bias_h, s_bias_n, s_bias_m, s_mask_g, s_mask_n,
-                       HAS_BIAS, HAS_MASK, BLOCK_N, UPCAST, PRECISION)
+                       HAS_BIAS, HAS_MASK, BLOCK_N, FP32)
 
     row_max = tl.max(s, 2)
     row_max = tl.where(row_max == float("-inf"), 0.0, row_max)  # a row with no key left
     p = tl.exp2(s - row_max[:, :, None])
     l = tl.sum(p, 2)
     has_key = l > 0.0
-    o = _dot(p.to(v.dtype), v, UPCAST, PRECISION) * (1.0 / tl.where(has_key, l, 1.0))[:, :, None]
+    o = dot(p.to(v.dtype), v, FP32) * (1.0 / tl.where(has_key, l, 1.0))[:, :, None]
     tl.store(O + b3 * s_o_b + h * s_o_h + n3 * s_o_n + d3 * s_o_d, o.to(O.dtype.element_ty), mask=ok)
     # +inf for a row with no key: backward's P = exp2(S - lse) is then 0 everywhere in it
     lse = tl.where(has_key, row_max + tl.log2(tl.where(has_key, l, 1.0)), float("inf"))
@@ -137,7 +128,7 @@ def _window_bwd_kernel(
     M, G, Gm, H, N, D, scale, scale_log2, windows_per_program,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BIAS_GRAD: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    FP32: tl.constexpr,
 ):
     i = tl.program_id(0)
     j = tl.program_id(1)
@@ -166,14 +157,14 @@ def _window_bwd_kernel(
 
         s = _window_logits(q, k, BIAS, MASK, j, h, b, win_ok, N, Gm, scale_log2,
                            s_bias_g, s_bias_h, s_bias_n, s_bias_m, s_mask_g, s_mask_n,
-                           HAS_BIAS, HAS_MASK, BLOCK_N, UPCAST, PRECISION)
+                           HAS_BIAS, HAS_MASK, BLOCK_N, FP32)
         p = tl.exp2(s - lse[:, :, None])  # [W, N, N], exactly forward's softmax
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 2)  # rowsum(dO ∘ O)
-        dv = _dot(tl.trans(p, 0, 2, 1).to(do.dtype), do, UPCAST, PRECISION)
-        dp = _dot(do, tl.trans(v, 0, 2, 1), UPCAST, PRECISION)
+        dv = dot(tl.trans(p, 0, 2, 1).to(do.dtype), do, FP32)
+        dp = dot(do, tl.trans(v, 0, 2, 1), FP32)
         ds = p * (dp - delta[:, :, None])  # gradient of the natural-log logits
-        dq = _dot(ds.to(k.dtype), k, UPCAST, PRECISION) * scale
-        dk = _dot(tl.trans(ds, 0, 2, 1).to(q.dtype), q, UPCAST, PRECISION) * scale
+        dq = dot(ds.to(k.dtype), k, FP32) * scale
+        dk = dot(tl.trans(ds, 0, 2, 1).to(q.dtype), q, FP32) * scale
 
         # dq, dk, dv are contiguous [B, H, N, D]
         offs = ((b3 * H + h) * N + n3) * D + d3
@@ -202,8 +193,7 @@ def _launch_config(q: torch.Tensor) -> dict:
         BLOCK_W=max(1, 128 // block_n),  # ~128 query rows per program
         BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(D)),
-        UPCAST=interpreting() and q.dtype == torch.bfloat16,
-        PRECISION="tf32" if q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee",
+        FP32=fp32_dot(q.dtype),
     )
 
 
