@@ -30,6 +30,7 @@ from timm.models.davit import ConvPosEnc
 from timm.models.maxxvit import window_partition, window_reverse
 
 from ..kernels import channel_attention, window_attention
+from ._common import check_image_batch
 from ._windows import pad_to_multiple, padding_key_mask
 
 __all__ = ["DaVit", "WindowAttention", "ChannelAttention", "DaVitBlock"]
@@ -190,11 +191,7 @@ class DaVit(timm_davit.DaVit):
             stage.blocks.apply(self._init_weights)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
-            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            name = getattr(self, "pretrained_cfg", {}).get("architecture", "DaVit")
-            raise ValueError(f"{name}: input `x` must be an image batch [B, {self.in_chans}, H, W] "
-                             f"(in_chans={self.in_chans}), got {got}")
+        check_image_batch(self, x, self.in_chans, "DaVit")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

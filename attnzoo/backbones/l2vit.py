@@ -34,6 +34,7 @@ from timm.models._registry import generate_default_cfgs, register_model
 from timm.models.davit import ConvPosEnc
 
 from ..kernels import linear_attention
+from ._common import check_image_batch
 from ._pretrained import load_authors_checkpoint
 from .davit import DaVitBlock, WindowAttention
 
@@ -220,11 +221,7 @@ class L2ViT(nn.Module):
         self.head.reset(num_classes, global_pool)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
-            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            name = getattr(self, "pretrained_cfg", {}).get("architecture", "L2ViT")
-            raise ValueError(f"{name}: input `x` must be an image batch [B, {self.in_chans}, H, W] "
-                             f"(in_chans={self.in_chans}), got {got}")
+        check_image_batch(self, x, self.in_chans, "L2ViT")
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",

@@ -38,6 +38,7 @@ from timm.models._registry import generate_default_cfgs, register_model
 
 from ..kernels import linear_attention
 from ..kernels.linear.reference import rotate_pairs
+from ._common import check_image_batch
 from ._pretrained import load_authors_checkpoint
 
 __all__ = ["RAVLT", "RalaAttention", "RavltBlock", "checkpoint_filter_fn"]
@@ -222,11 +223,7 @@ class RAVLT(nn.Module):
         self.head.reset(num_classes, global_pool)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans:
-            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            name = getattr(self, "pretrained_cfg", {}).get("architecture", "RAVLT")
-            raise ValueError(f"{name}: input `x` must be an image batch [B, {self.in_chans}, H, W] "
-                             f"(in_chans={self.in_chans}), got {got}")
+        check_image_batch(self, x, self.in_chans, "RAVLT")
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
