@@ -1,14 +1,16 @@
-"""Train or fine-tune an image classifier (any model timm can build, attnzoo's included) on an ImageNet-style
-folder (``DATA/train/<class>/*``, ``DATA/val/<class>/*``).
+"""Train a model: an image classifier (any model timm can build, attnzoo's included) on an ImageNet-style
+folder (``DATA/train/<class>/*``, ``DATA/val/<class>/*``), a task head (``--task``, see ``attnzoo.tasks``), or
+a detector/segmentor from an mmdetection config (a ``.py`` path as the first argument).
 
     python tools/train.py DATA --model davit_tiny --pretrained --epochs 30 --output runs/davit
     torchrun --nproc_per_node=4 tools/train.py DATA --model maxvit_tiny_tf_224 --batch-size 64
     python tools/train.py DATA --output runs/davit --resume      # continue from the last checkpoint
+    python tools/train.py configs/davit/retinanet_davit_tiny_fpn_1x_coco.py --output runs/det
 
 timm does the work: its transforms (RandAugment, random erasing), Mixup/CutMix, label smoothing, AdamW from
 ``create_optimizer_v2``, the cosine schedule with warmup from ``create_scheduler_v2`` (stepped per optimizer
 update), ``ModelEmaV3`` and ``accuracy``. This file wires them together with DDP, AMP, gradient accumulation and
-exact resumption.
+exact resumption; the task (``attnzoo.tasks``) supplies the model, the data, the loss and the metrics.
 
 Output (``--output``): ``log.csv`` (one row per epoch; TensorBoard events too when tensorboard is installed),
 ``curves.png`` (loss and accuracy), ``checkpoints/step-N/`` (``model.safetensors``, ``ema.safetensors``,
@@ -20,7 +22,8 @@ Resuming is exact: the data order is a function of (seed, epoch), each sample's 
 generator seeded by (seed, epoch, index), and the python/numpy/torch RNG states of every process are restored,
 so a killed and resumed run reaches the same weights at step N as an uninterrupted one.
 
-The detection/segmentation mode (an mmdetection config as first argument) is not available yet.
+A config path hands the run to mmengine's Runner (``attnzoo.det.runner``), with the same ``--output`` and
+``--resume`` behaviour.
 """
 from __future__ import annotations
 
@@ -37,24 +40,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from timm.data import Mixup, create_transform, resolve_data_config
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, accuracy
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import attnzoo  # noqa: E402,F401  (registers attnzoo's models with timm)
-from attnzoo.data import class_names, image_folder  # noqa: E402
-from attnzoo.hub import InputError, atomic_dir, check_model_name  # noqa: E402
+from attnzoo.hub import InputError, atomic_dir  # noqa: E402
+from attnzoo.tasks import TASKS, batch_size, get_task, to_device  # noqa: E402
 
 # options that a resumed run may change; every other one is taken from the checkpoint
 _RESUME_OVERRIDES = ("data", "output", "resume", "max_steps", "workers")
@@ -62,7 +61,10 @@ _RESUME_OVERRIDES = ("data", "output", "resume", "max_steps", "workers")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("data", help="ImageNet-style folder with train/ and val/ (one sub-folder per class)")
+    p.add_argument("data", help="the task's data (classification: an ImageNet-style folder with train/ and val/, "
+                                "one sub-folder per class)")
+    p.add_argument("--task", default="classification", choices=sorted(TASKS), help="what to train (default: "
+                   "classification)")
     p.add_argument("--output", default="runs/train", help="output folder (default: runs/train)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     m = p.add_argument_group("model")
@@ -89,18 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
                    help="autocast dtype (auto: bf16 on CUDA when supported, none on CPU)")
     o.add_argument("--ema-decay", type=float, default=0.0, help="keep an EMA of the weights with this decay (0: off)")
-    a = p.add_argument_group("augmentation")
-    a.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment spec ('' for none)")
-    a.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), help="random-resized-crop area range")
-    a.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    a.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
-    a.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
-    a.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--workers", type=int, default=4, help="data loading processes per training process")
     r.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also checkpoint every STEPS optimizer steps (always at the end of each epoch)")
+    for name in sorted(TASKS):
+        get_task(name).add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -269,73 +266,22 @@ class Run:
         return t.tolist()
 
 
-def create_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
-    """The model to train, with a ``num_classes``-way head (a new one when fine-tuning pretrained weights)."""
-    name = check_model_name(args.model)
-    kwargs = dict(args.model_args)
-    if args.drop_path:
-        kwargs["drop_path_rate"] = args.drop_path
-    if args.pretrained_file:
-        if not Path(args.pretrained_file).is_file():
-            raise InputError(f"--pretrained-file {args.pretrained_file} does not exist")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(args.pretrained_file).resolve()))
-    try:
-        return timm.create_model(name, pretrained=args.pretrained or bool(args.pretrained_file),
-                                 num_classes=num_classes, **kwargs)
-    except TypeError as e:
-        raise InputError(f"model {name!r} does not take the arguments {kwargs}: {e}") from None
-
-
-def _check_data_argument(data: str) -> None:
-    if data.endswith(".py"):
-        if not Path(data).is_file():
-            raise InputError(f"config {data} does not exist")
-        raise InputError(f"{data} is an mmdetection config: the detection/segmentation mode of tools/train.py is "
-                         "not available yet; give an ImageNet-style folder (train/, val/) to train a classifier")
-
-
-def build_loaders(run: Run, model: torch.nn.Module, train_set, val_set):
-    """Train and val loaders with timm's transforms for ``model`` (its mean, std, interpolation, crop)."""
+def build_loaders(run: Run, task, train_set, val_set) -> tuple[DataLoader, DataLoader]:
+    """Loaders whose order is a function of (seed, epoch) and whose samples draw their randomness from seeds."""
     args = run.args
-    data_config = resolve_data_config(model=model)
-    if args.img_size:
-        data_config["input_size"] = (3, args.img_size, args.img_size)
-    train_tf = create_transform(
-        data_config["input_size"], is_training=True, auto_augment=args.aa or None, re_prob=args.reprob,
-        scale=tuple(args.scale), interpolation=data_config["interpolation"], mean=data_config["mean"],
-        std=data_config["std"],
-    )
-    train_set.transform = train_tf
-    val_set.transform = create_transform(**data_config, is_training=False)
     if len(train_set) < run.world * args.batch_size:
-        raise InputError(f"{args.data}/train has {len(train_set)} images, fewer than one batch "
+        raise InputError(f"{args.data}: the training split has {len(train_set)} samples, fewer than one batch "
                          f"({run.world} process(es) x --batch-size {args.batch_size})")
     loaders = []
     for dataset, train in ((train_set, True), (val_set, False)):
-        sampler = EpochSampler(len(dataset), args.batch_size, run.rank, run.world, args.seed, train)
+        rank, world = (run.rank, run.world) if train or task.shard_val else (0, 1)
+        sampler = EpochSampler(len(dataset), args.batch_size, rank, world, args.seed, train)
         loaders.append(DataLoader(
             SeededSamples(dataset), batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
             pin_memory=run.device.type == "cuda", generator=torch.Generator().manual_seed(args.seed),
+            collate_fn=task.collate_fn,
         ))
-    return loaders[0], loaders[1], data_config
-
-
-@torch.no_grad()
-def evaluate(run: Run, model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
-    """Loss, top-1 and top-5 (%) over the whole val split, summed across processes."""
-    model.eval()
-    sums = [0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, images
-    for x, y in loader:
-        x, y = x.to(run.device), y.to(run.device)
-        with run.autocast():
-            out = model(x)
-        top1, top5 = accuracy(out.float(), y, topk=(1, 5))  # top-5 is top-all under 5 classes
-        n = len(y)
-        for i, v in enumerate((F.cross_entropy(out.float(), y).item() * n, top1.item() * n / 100,
-                               top5.item() * n / 100, n)):
-            sums[i] += v
-    loss, hits1, hits5, n = run.all_sum(sums)
-    return {"loss": loss / n, "top1": 100 * hits1 / n, "top5": 100 * hits5 / n}
+    return loaders[0], loaders[1]
 
 
 class Trainer:
@@ -344,14 +290,10 @@ class Trainer:
         args = run.args
         self.output = Path(args.output)
         torch.manual_seed(args.seed)  # the same initial weights on every process
-        train_set, skipped = image_folder(args.data, "train")
-        val_set, val_skipped = image_folder(args.data, "val", class_to_idx=train_set.reader.class_to_idx)
-        if skipped or val_skipped:
-            run.log(f"skipped {len(skipped) + len(val_skipped)} unreadable image(s), e.g. {(skipped + val_skipped)[0]}")
-        self.classes = class_names(train_set)
-        num_classes = len(self.classes)
-        self.model = create_model(args, num_classes).to(run.device)
-        self.train_loader, self.val_loader, self.data_config = build_loaders(run, self.model, train_set, val_set)
+        self.task = get_task(args.task)(args, run)
+        model, train_set, val_set = self.task.build()
+        self.model = model.to(run.device)
+        self.train_loader, self.val_loader = build_loaders(run, self.task, train_set, val_set)
         self.ddp = DistributedDataParallel(self.model) if run.world > 1 else None
         self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay)
         self.batches = self.train_loader.sampler.batches_per_epoch()
@@ -363,18 +305,6 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)
         self.ema = ModelEmaV3(self.model, decay=args.ema_decay, use_warmup=True) if args.ema_decay else None
-        self.mixup = None
-        if args.mixup or args.cutmix:
-            if args.batch_size % 2:
-                raise InputError(f"--batch-size {args.batch_size}: mixup/cutmix pair up images and need an even "
-                                 "batch (or --mixup 0 --cutmix 0)")
-            self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
-                               num_classes=num_classes)
-            self.criterion = SoftTargetCrossEntropy()
-        elif args.smoothing:
-            self.criterion = LabelSmoothingCrossEntropy(args.smoothing)
-        else:
-            self.criterion = torch.nn.CrossEntropyLoss()
         self.step = self.epoch = self.start_batch = 0
         self.metrics: dict = {}
         random.seed(args.seed + run.rank)  # training randomness (dropout, mixup) differs across processes
@@ -399,8 +329,7 @@ class Trainer:
                 opt_tensors.update({f"rng.{rank}.{k}": v.cpu() for k, v in tensors.items()})
             state = {
                 "step": self.step, "epoch": epoch, "batch": batch, "world_size": self.run.world,
-                "args": vars(self.run.args), "classes": self.classes,
-                "data_config": self.data_config, "optimizer": opt_plain,
+                "args": vars(self.run.args), **self.task.state(), "optimizer": opt_plain,
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": [plain for plain, _ in gathered], "metrics": self.metrics,
             }
@@ -443,7 +372,7 @@ class Trainer:
 
     def train(self) -> None:
         args, run = self.run.args, self.run
-        log = Log(self.output, run.main, resumed_step=self.step if args.resume else None)
+        log = Log(self.output, run.main, resumed_step=self.step if args.resume else None, metric=self.task.metric)
         self.scheduler.step_update(self.step)
         total_steps = args.epochs * self.steps_per_epoch
         if args.max_steps is not None:
@@ -456,18 +385,17 @@ class Trainer:
             loss_sum, seen, started = 0.0, 0, time.perf_counter()
             bar = tqdm(self.train_loader, total=self.batches, initial=first, disable=not run.main,
                        desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True, leave=False)
-            for i, (x, y) in enumerate(bar, start=first):
-                x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-                if self.mixup is not None:
-                    x, y = self.mixup(x, y)
+            for i, batch in enumerate(bar, start=first):
+                batch = to_device(batch, run.device)
+                n = batch_size(batch)
                 group_start = i - i % args.accum_steps
                 group_end = min(group_start + args.accum_steps, self.batches)
                 update = i + 1 == group_end
                 with (contextlib.nullcontext() if update or self.ddp is None else self.ddp.no_sync()):
                     with run.autocast():
-                        loss = self.criterion(net(x), y)
+                        loss = self.task.loss(net, batch)
                     self.scaler.scale(loss / (group_end - group_start)).backward()
-                loss_sum, seen = loss_sum + loss.item() * len(x), seen + len(x)
+                loss_sum, seen = loss_sum + loss.item() * n, seen + n
                 if not update:
                     continue
                 if args.clip_grad:
@@ -480,8 +408,8 @@ class Trainer:
                 self.scheduler.step_update(self.step)
                 if self.ema is not None:
                     self.ema.update(self.model, step=self.step)
-                img_s = seen * run.world / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{self._lr():.2e}", img_s=f"{img_s:.1f}")
+                per_s = seen * run.world / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{self._lr():.2e}", img_s=f"{per_s:.1f}")
                 if i + 1 == self.batches or self.step == total_steps:
                     break
                 if args.checkpoint_every and self.step % args.checkpoint_every == 0:
@@ -491,14 +419,15 @@ class Trainer:
                 self.save(epoch, i + 1)
                 break
             elapsed = time.perf_counter() - started
-            val = evaluate(run, self.model, self.val_loader)
+            self.model.eval()
+            val = self.task.evaluate(self.model, self.val_loader)
             row = {"epoch": epoch + 1, "step": self.step, "lr": self._lr(),
-                   "train_loss": run.all_sum([loss_sum])[0] / (seen * run.world),
-                   "val_loss": val["loss"], "top1": val["top1"], "top5": val["top5"],
+                   "train_loss": run.all_sum([loss_sum])[0] / (seen * run.world), **val,
                    "img_per_s": seen * run.world / elapsed, "seconds": elapsed}
             if self.ema is not None:
-                ema_val = evaluate(run, self.ema.module, self.val_loader)
-                row.update(ema_top1=ema_val["top1"], ema_top5=ema_val["top5"])
+                self.ema.module.eval()
+                row.update({f"ema_{k}": v for k, v in self.task.evaluate(self.ema.module, self.val_loader).items()
+                            if not k.endswith("loss")})
             self.metrics = row
             log.write(row)
             run.log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
@@ -513,8 +442,8 @@ class Trainer:
 class Log:
     """``log.csv`` (one row per epoch), TensorBoard when installed, and the PNG of the curves at the end."""
 
-    def __init__(self, output: Path, main: bool, resumed_step: int | None):
-        self.main, self.csv, self.png = main, output / "log.csv", output / "curves.png"
+    def __init__(self, output: Path, main: bool, resumed_step: int | None, metric: str):
+        self.main, self.csv, self.png, self.metric = main, output / "log.csv", output / "curves.png", metric
         self.rows: list[dict] = []
         self.tb = None
         if not main:
@@ -561,12 +490,13 @@ class Log:
         epochs = col("epoch")
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
         ax_loss.plot(epochs, col("train_loss"), label="train")
-        ax_loss.plot(epochs, col("val_loss"), label="val")
+        if col("val_loss"):
+            ax_loss.plot(epochs, col("val_loss"), label="val")
         ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-        for key in ("top1", "top5", "ema_top1"):
+        for key in (self.metric, "top5", f"ema_{self.metric}"):
             if col(key):
                 ax_acc.plot(epochs, col(key), label=key)
-        ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="val accuracy")
+        ax_acc.set(xlabel="epoch", ylabel=self.metric, title=f"val {self.metric}")
         for ax in (ax_loss, ax_acc):
             ax.grid(alpha=0.3)
             ax.legend()
@@ -578,9 +508,13 @@ class Log:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].endswith(".py"):  # an mmdetection/mmsegmentation config
+        from attnzoo.det.runner import main as train_config
+
+        return train_config(argv)
     args = parse_args(argv)
     try:
-        _check_data_argument(args.data)
         output = Path(args.output)
         checkpoint = last_checkpoint(output)
         if args.resume:

@@ -14,6 +14,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from attnzoo.tasks import create_model
+
 from .conftest import FAST, ROOT, TINY_DAVIT, load_tool, tool_env
 
 train = load_tool("train")
@@ -117,7 +119,7 @@ def test_pretrained_fine_tuning_gets_the_hub_weights_and_a_new_head(offline_hub,
     published = timm.create_model("davit_tiny", num_classes=1000, **kwargs).state_dict()
     offline_hub("timm/davit_tiny.msft_in1k", published)
     args = train.parse_args(["unused", *TINY_DAVIT, "--pretrained"])
-    model = train.create_model(args, num_classes=7)
+    model = create_model(args, num_classes=7)
     own = model.state_dict()
     assert own["head.fc.weight"].shape == (7, 64)
     body = [k for k in own if not k.startswith("head.fc.")]
@@ -125,7 +127,7 @@ def test_pretrained_fine_tuning_gets_the_hub_weights_and_a_new_head(offline_hub,
     # the same through a local file
     file = offline_hub("timm/davit_tiny.msft_in1k", published, filename="local.safetensors")
     args = train.parse_args(["unused", *TINY_DAVIT, "--pretrained-file", str(file)])
-    own = train.create_model(args, num_classes=3).state_dict()
+    own = create_model(args, num_classes=3).state_dict()
     assert all(torch.equal(own[k], published[k]) for k in body) and own["head.fc.bias"].shape == (3,)
 
 
@@ -154,13 +156,6 @@ def test_unregistered_model_lists_the_closest_names(shapes, tmp_path, capsys):
     _fails(capsys, [str(shapes), "--output", str(tmp_path / "r"), "--model", "davit_tiyn"],
            "'davit_tiyn' is not registered", "davit_tiny")
     assert not (tmp_path / "r").exists()
-
-
-def test_config_paths_are_rejected_clearly(tmp_path, capsys):
-    _fails(capsys, [str(tmp_path / "missing.py")], "config", "missing.py does not exist")
-    config = tmp_path / "mask_rcnn_davit.py"
-    config.write_text("_base_ = []\n")
-    _fails(capsys, [str(config)], "detection/segmentation mode", "not available yet")
 
 
 def test_corrupt_image_is_skipped_and_counted(shapes, tmp_path, capsys):

@@ -1,0 +1,114 @@
+"""What ``tools/train.py`` can train: one :class:`Task` per kind of model and data.
+
+``tools/train.py`` owns the loop (data order, DDP, AMP, gradient accumulation, EMA, atomic checkpoints, exact
+resumption, the CSV/TensorBoard log and the curves). A task owns the rest: which model, which datasets (with
+their transforms), the loss of a training batch and the validation metrics. ``--task NAME`` picks one; each
+task adds its own command-line options in :meth:`Task.add_arguments`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..hub import InputError
+
+__all__ = ["TASKS", "Task", "batch_size", "create_model", "get_task", "to_device"]
+
+# name -> "module:Class", imported on first use so a task's optional dependencies load only when it runs
+TASKS: dict[str, str] = {
+    "classification": "attnzoo.tasks.classification:ClassificationTask",
+}
+
+
+class Task:
+    """One kind of training. Subclasses set ``name`` and ``metric`` and implement :meth:`build`, :meth:`loss`
+    and :meth:`evaluate`.
+
+    ``run`` is the training process (``run.device``, ``run.rank``, ``run.world``, ``run.main``,
+    ``run.autocast()``, ``run.all_sum(values)`` and ``run.log(message)``).
+    """
+
+    name: ClassVar[str]
+    metric: ClassVar[str]  # the validation metric the log, the plot and the progress line lead with
+    shard_val: ClassVar[bool] = True  # False: every process evaluates the whole val split (retrieval, decoding)
+    collate_fn: ClassVar[Callable | None] = None  # for batches that torch's default collate cannot make
+
+    def __init__(self, args: argparse.Namespace, run: Any):
+        self.args, self.run = args, run
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Add this task's options (in a group of their own, prefixed with the task's name)."""
+
+    def build(self) -> tuple[nn.Module, Dataset, Dataset]:
+        """The model and the (train, val) datasets, their transforms set; called once, after seeding."""
+        raise NotImplementedError
+
+    def loss(self, net: nn.Module, batch: Any) -> torch.Tensor:
+        """The scalar loss of one training batch (already on ``run.device``). ``net`` is the model, or its DDP
+        wrapper: call ``net(...)`` for the forward so that DDP synchronises the gradients."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, loader: Any) -> dict[str, float]:
+        """Validation metrics over the val loader (each process's share when ``shard_val``)."""
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """JSON-able facts a checkpoint keeps next to the weights (class names, input config, ...)."""
+        return {}
+
+
+def get_task(name: str) -> type[Task]:
+    if name not in TASKS:
+        raise InputError(f"--task {name!r}: unknown task; choose one of {sorted(TASKS)}")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (nested in tuples, lists and dicts) moved to ``device``."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def batch_size(batch: Any) -> int:
+    """The number of samples in ``batch``: the length of its first tensor."""
+    if torch.is_tensor(batch):
+        return len(batch)
+    items = batch.values() if isinstance(batch, dict) else batch
+    return next(batch_size(b) for b in items if torch.is_tensor(b) or isinstance(b, (tuple, list, dict)))
+
+
+def create_model(args: argparse.Namespace, **kwargs) -> nn.Module:
+    """``timm.create_model(args.model, ...)`` with the common model options (``--model-args``, ``--drop-path``,
+    ``--pretrained``, ``--pretrained-file``) and ``kwargs`` (e.g. ``num_classes``), each failure an
+    :class:`InputError` that names the model."""
+    import timm
+
+    from ..hub import check_model_name
+
+    name = check_model_name(args.model)
+    kwargs = {**args.model_args, **kwargs}
+    if args.drop_path:
+        kwargs["drop_path_rate"] = args.drop_path
+    if args.pretrained_file:
+        from pathlib import Path
+
+        if not Path(args.pretrained_file).is_file():
+            raise InputError(f"--pretrained-file {args.pretrained_file} does not exist")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(args.pretrained_file).resolve()))
+    try:
+        return timm.create_model(name, pretrained=args.pretrained or bool(args.pretrained_file), **kwargs)
+    except TypeError as e:
+        raise InputError(f"model {name!r} does not take the arguments {kwargs}: {e}") from None
