@@ -3,8 +3,9 @@
 Ops, on the shapes of the models that use them (captured from a forward of each model): attnzoo's dispatched
 op ("ours": the fused Triton kernel on CUDA, the best PyTorch path elsewhere) against the op's own `torch` path
 (``F.scaled_dot_product_attention`` with the same bias, or the best plain PyTorch) and its eager `reference`,
-forward and forward+backward. Models: img/s of attnzoo's model against timm's own class at the same size,
-inference and a training step (forward+backward).
+forward and forward+backward. Sparse attention at several keep rates against dense
+``F.scaled_dot_product_attention`` on DeiT-S shapes (how its time falls with the keep rate). Models: img/s of
+attnzoo's model against timm's own class at the same size, inference and a training step (forward+backward).
 
     python tools/benchmark.py                   # everything; fp32 on CPU, bf16 on CUDA
     python tools/benchmark.py --quick           # the small models only, shorter timing
@@ -158,6 +159,33 @@ def bench_ops(names, device, dtype, batch, min_seconds) -> list[Row]:
     return rows
 
 
+def bench_keep_rates(rates, device, dtype, batch, min_seconds) -> list[Row]:
+    """Sparsifiner's sparse attention at each keep rate against dense SDPA over all keys, on DeiT-S's patch
+    queries (6 heads, 196 tokens, head dim 64), forward and forward+backward: attention time vs keep rate."""
+    import torch.nn.functional as F
+
+    from attnzoo.kernels import sparse_attention
+
+    h, n, d = 6, 196, 64
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(batch, h, n, d, generator=gen).to(device, dtype) for _ in range(3))
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(q)
+    rows = []
+    for rate in rates:
+        keep = max(1, round(rate * n))
+        index = torch.rand(batch, h, n, n, generator=gen).topk(keep, dim=-1).indices.to(device)
+        impls = {"ours": lambda *t, index=index: sparse_attention(*t, index), "dense": F.scaled_dot_product_attention}
+        shape = f"keep {rate:g} ({keep}/{n} keys): {batch}x{h}x{n}x{d}"
+        with torch.no_grad():
+            ms = measure({name: (lambda f=f: f(q, k, v)) for name, f in impls.items()}, device, min_seconds)
+        rows.append(Row("keep", "sparse_attention", shape, "fwd", ms))
+        ms = measure({name: (lambda f=f: torch.autograd.grad(f(*leaves), leaves, grad)) for name, f in impls.items()},
+                     device, min_seconds)
+        rows.append(Row("keep", "sparse_attention", shape, "fwd+bwd", ms))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------- models
 
 # attnzoo model -> what timm users run instead: timm's own class where timm has the model (the same weights),
@@ -230,6 +258,11 @@ def markdown(rows: list[Row], batch: int) -> str:
         for r in ops:
             lines.append(f"| {r.name} | {r.shape} | {r.mode} | {r.ms['ours']:.3f} | {r.ratio('torch'):.2f}x | "
                          f"{r.ratio('reference'):.2f}x |")
+    keeps = [r for r in rows if r.group == "keep"]
+    if keeps:
+        lines += ["", "| op | keep rate: q k v shape | pass | ours ms | vs dense SDPA |", "|---|---|---|---:|---:|"]
+        for r in keeps:
+            lines.append(f"| {r.name} | {r.shape} | {r.mode} | {r.ms['ours']:.3f} | {r.ratio('dense'):.2f}x |")
     models = [r for r in rows if r.group == "model"]
     if models:
         lines += ["", "| model | input | pass | ours img/s | timm img/s | ours vs timm |",
@@ -261,6 +294,8 @@ def main(argv=None) -> int:
     p.add_argument("--op-models", default=",".join(OP_SOURCES),
                    help="comma-separated models whose attention calls give the op shapes, or 'none'")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}; or 'none'")
+    p.add_argument("--keep-rates", default="1,0.5,0.25,0.1",
+                   help="comma-separated keep rates of the sparse-attention sweep, or 'none'")
     p.add_argument("--batch", type=int, help="images per call (default 64 on CUDA, 4 on CPU)")
     p.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark.json"))
@@ -283,6 +318,8 @@ def main(argv=None) -> int:
         return [n for n in names if not (args.quick and n in BASE_VARIANTS)]
 
     rows = bench_ops(chosen(args.op_models), device, dtype, batch, min_seconds)
+    if args.keep_rates != "none":
+        rows += bench_keep_rates([float(r) for r in args.keep_rates.split(",")], device, dtype, batch, min_seconds)
     rows += bench_models(chosen(args.models), device, dtype, batch, min_seconds)
 
     env = environment(device, dtype)
