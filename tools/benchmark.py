@@ -189,7 +189,8 @@ def bench_keep_rates(rates, device, dtype, batch, min_seconds) -> list[Row]:
 # ------------------------------------------------------------------------------------------------- models
 
 # attnzoo model -> what timm users run instead: timm's own class where timm has the model (the same weights),
-# else the plain timm backbone the attnzoo model is built on
+# else the plain timm backbone the attnzoo model is built on, else the timm model of the same size and FLOPs that
+# the paper compares against (Swin-T for L²ViT-T and RAVLT-S)
 MODELS = {
     "davit_tiny": "timm.models.davit.davit_tiny",
     "davit_base": "timm.models.davit.davit_base",
@@ -201,6 +202,8 @@ MODELS = {
     "ela_b_resnet18": "timm.models.resnet.resnet18",
     "ela_s_resnet50": "timm.models.resnet.resnet50",
     "ulsam_mobilenetv2_100": "timm.models.efficientnet.mobilenetv2_100",
+    "l2vit_tiny": "timm.models.swin_transformer.swin_tiny_patch4_window7_224",
+    "ravlt_s": "timm.models.swin_transformer.swin_tiny_patch4_window7_224",
 }
 BASE_VARIANTS = ("davit_base", "maxvit_base_tf_224", "halonet50ts", "ela_s_resnet50")
 
@@ -233,7 +236,7 @@ def bench_models(names, device, dtype, batch, min_seconds) -> list[Row]:
         models = {"ours": ours, "timm": theirs}
         for m in models.values():
             m.to(device, dtype)
-        shape = f"{batch}x3x{size[0]}x{size[1]}"
+        shape = f"{batch}x3x{size[0]}x{size[1]} vs {MODELS[name].rsplit('.', 1)[1]}"
         with torch.no_grad():
             for m in models.values():
                 m.eval()
@@ -265,7 +268,7 @@ def markdown(rows: list[Row], batch: int) -> str:
             lines.append(f"| {r.name} | {r.shape} | {r.mode} | {r.ms['ours']:.3f} | {r.ratio('dense'):.2f}x |")
     models = [r for r in rows if r.group == "model"]
     if models:
-        lines += ["", "| model | input | pass | ours img/s | timm img/s | ours vs timm |",
+        lines += ["", "| model | input vs timm model | pass | ours img/s | timm img/s | ours vs timm |",
                   "|---|---|---|---:|---:|---:|"]
         for r in models:
             lines.append(f"| {r.name} | {r.shape} | {r.mode} | {1e3 * batch / r.ms['ours']:.1f} | "
