@@ -294,7 +294,9 @@ class Trainer:
         model, train_set, val_set = self.task.build()
         self.model = model.to(run.device)
         self.train_loader, self.val_loader = build_loaders(run, self.task, train_set, val_set)
-        self.ddp = DistributedDataParallel(self.model) if run.world > 1 else None
+        self.ddp = None
+        if run.world > 1:
+            self.ddp = DistributedDataParallel(self.model, find_unused_parameters=self.task.find_unused_parameters)
         self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay)
         self.batches = self.train_loader.sampler.batches_per_epoch()
         self.steps_per_epoch = math.ceil(self.batches / args.accum_steps)
@@ -381,6 +383,7 @@ class Trainer:
         while self.step < total_steps:
             epoch, first = self.epoch, self.start_batch
             self.train_loader.sampler.set_epoch(epoch, first)
+            self.task.set_epoch(epoch)
             net.train()
             loss_sum, seen, started = 0.0, 0, time.perf_counter()
             bar = tqdm(self.train_loader, total=self.batches, initial=first, disable=not run.main,

@@ -23,6 +23,7 @@ __all__ = ["TASKS", "Task", "batch_size", "create_model", "get_task", "to_device
 # name -> "module:Class", imported on first use so a task's optional dependencies load only when it runs
 TASKS: dict[str, str] = {
     "classification": "attnzoo.tasks.classification:ClassificationTask",
+    "sparsifiner": "attnzoo.tasks.sparsifiner:SparsifinerTask",
 }
 
 
@@ -38,6 +39,7 @@ class Task:
     metric: ClassVar[str]  # the validation metric the log, the plot and the progress line lead with
     shard_val: ClassVar[bool] = True  # False: every process evaluates the whole val split (retrieval, decoding)
     collate_fn: ClassVar[Callable | None] = None  # for batches that torch's default collate cannot make
+    find_unused_parameters: ClassVar[bool] = False  # DDP: True when some parameters get no gradient in a step
 
     def __init__(self, args: argparse.Namespace, run: Any):
         self.args, self.run = args, run
@@ -49,6 +51,9 @@ class Task:
     def build(self) -> tuple[nn.Module, Dataset, Dataset]:
         """The model and the (train, val) datasets, their transforms set; called once, after seeding."""
         raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each epoch (also a resumed one): for recipes whose phases change by epoch."""
 
     def loss(self, net: nn.Module, batch: Any) -> torch.Tensor:
         """The scalar loss of one training batch (already on ``run.device``). ``net`` is the model, or its DDP
