@@ -1,14 +1,20 @@
-"""Top-1/top-5 accuracy and throughput of a classifier on an ImageNet-style folder.
+"""Evaluate a model: top-1/top-5 accuracy and throughput of a classifier on an ImageNet-style folder, or the
+COCO bbox/segm mAP (mIoU for a segmentor) of a detection checkpoint with its mmdetection config (a ``.py`` path
+as the first argument, as in tools/train.py).
 
     python tools/eval.py davit_tiny DATA                          # a tag: timm's/attnzoo's pretrained weights
     python tools/eval.py local-dir:runs/demo/hub DATA             # a folder in timm's Hub layout (tools/publish.py)
     python tools/eval.py hf-hub:ORG/NAME DATA
     python tools/eval.py davit_tiny DATA --checkpoint model.safetensors --model-args '{"embed_dims": [...]}'
+    python tools/eval.py configs/davit/mask-rcnn_davit-t_fpn_1x_coco.py runs/det/iter_90000.pth --data-root DIR
 
 Labels: when the model names its classes (``label_names`` in its config, as the Hub folders written by
 tools/publish.py do) the folder's sub-folders are matched to them by name; otherwise the sorted sub-folder
 names are the label indices. Throughput is images per second of the model's forward pass alone (after one
 warm-up batch), and of the whole loop including data loading.
+
+A config runs mmengine's ``Runner.test`` with the config's test evaluator (``attnzoo.det.runner``); the metrics
+are printed as JSON and written to ``--out``.
 """
 from __future__ import annotations
 
@@ -98,6 +104,11 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].endswith(".py"):  # an mmdetection/mmsegmentation config and its checkpoint
+        from attnzoo.det.runner import test_main
+
+        return test_main(argv)
     args = parse_args(argv)
     try:
         dataset, skipped = image_folder(args.data, args.split)

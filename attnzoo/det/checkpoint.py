@@ -13,16 +13,28 @@ refuses other globals. A Runner checkpoint holds three kinds of foreign object:
   stores each buffer as plain lists when saving and rebuilds it after loading.
 
 Nothing here sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` or passes ``weights_only=False``.
+
+It also makes the Runner's checkpoints atomic. mmengine's ``CheckpointHook`` hands the serialised checkpoint to
+a file backend's ``put``, which for a local path opens the final file and writes into it, so a run killed
+mid-write leaves a truncated ``iter_N.pth``. :class:`AtomicCheckpointHook` is that same hook (every option kept)
+writing through :class:`AtomicLocalBackend`, which writes a hidden temporary file beside the target and renames
+it into place. mmengine writes its ``last_checkpoint`` pointer only after the checkpoint is complete, so the
+pointer never names a partial file (``attnzoo.det.runner`` reads it, falling back to the newest complete file).
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
-from mmengine.hooks import Hook
+from mmengine.fileio import LocalBackend, register_backend
+from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import HistoryBuffer
 from mmengine.registry import HOOKS
 
-__all__ = ["WeightsOnlyCheckpointHook", "allow_mmengine_globals", "NUMPY_GLOBALS"]
+__all__ = ["AtomicCheckpointHook", "AtomicLocalBackend", "WeightsOnlyCheckpointHook", "allow_mmengine_globals",
+           "NUMPY_GLOBALS"]
 
 # what pickle calls to rebuild an ndarray (``_reconstruct(ndarray, shape, dtype)`` then its raw bytes) and a
 # numpy scalar (``scalar(dtype, bytes)``), and the dtype classes of bool and numbers (not of Python objects)
@@ -72,3 +84,39 @@ class WeightsOnlyCheckpointHook(Hook):
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         if "message_hub" in checkpoint:
             checkpoint["message_hub"] = _decode(checkpoint["message_hub"])
+
+
+class AtomicLocalBackend(LocalBackend):
+    """mmengine's local file backend, except that ``put`` and ``put_text`` write a temporary file in the target's
+    folder and ``os.replace`` it onto the target: a reader sees the old file or the whole new one, never part."""
+
+    def put(self, obj: bytes, filepath: str | Path) -> None:
+        filepath = Path(filepath)
+        filepath.parent.mkdir(parents=True, exist_ok=True)
+        tmp = filepath.with_name(f".{filepath.name}.{os.getpid()}.tmp")  # one per process: ranks never share
+        try:
+            with open(tmp, "wb") as f:
+                f.write(obj)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, filepath)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def put_text(self, obj: str, filepath: str | Path, encoding: str = "utf-8") -> None:
+        self.put(obj.encode(encoding), filepath)
+
+
+register_backend("atomic_local", AtomicLocalBackend, force=True)
+
+
+@HOOKS.register_module()
+class AtomicCheckpointHook(CheckpointHook):
+    """``CheckpointHook`` (same options) whose checkpoints are written atomically through
+    :class:`AtomicLocalBackend`; ``attnzoo.det.runner`` puts it in place of the config's ``CheckpointHook``."""
+
+    def __init__(self, *args, backend_args: dict | None = None, **kwargs):
+        if backend_args not in (None, {"backend": "atomic_local"}):
+            raise ValueError(f"AtomicCheckpointHook writes local files only; got backend_args={backend_args}")
+        super().__init__(*args, backend_args={"backend": "atomic_local"}, **kwargs)
