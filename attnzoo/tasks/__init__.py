@@ -23,6 +23,7 @@ __all__ = ["TASKS", "Task", "batch_size", "create_model", "get_task", "to_device
 # name -> "module:Class", imported on first use so a task's optional dependencies load only when it runs
 TASKS: dict[str, str] = {
     "classification": "attnzoo.tasks.classification:ClassificationTask",
+    "oat": "attnzoo.tasks.oat:OATTask",
     "dcal": "attnzoo.tasks.dcal:DCALTask",
     "sparsifiner": "attnzoo.tasks.sparsifiner:SparsifinerTask",
 }
