@@ -49,7 +49,8 @@ from torch import nn
 
 from ..kernels import rollout_step
 
-__all__ = ["DCAL", "batch_hard_triplet_loss", "reid_metrics", "uncertainty_weighted_loss"]
+__all__ = ["DCAL", "attention_rollout", "batch_hard_triplet_loss", "random_partners", "reid_metrics",
+           "uncertainty_weighted_loss"]
 
 BRANCHES = ("sa", "glca", "pwca")
 
@@ -80,6 +81,7 @@ class DCAL(nn.Module):
         self.loss_weights = nn.Parameter(torch.zeros(len(BRANCHES)))  # w_SA, w_GLCA, w_PWCA
 
     def num_local(self, num_patches: int) -> int:
+        """GLCA's local queries besides the CLS token: ⌈R · N⌉, at least one."""
         return max(1, math.ceil(self.local_ratio * num_patches))
 
     def forward(self, x: torch.Tensor, partner: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
