@@ -82,17 +82,25 @@ def parse_test_args(argv: list[str]) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------------ config
 
 
-def load_config(path: str, options: dict[str, Any]):
-    """The config at ``path`` with ``options`` merged in; an :class:`InputError` unless it is a readable
-    mmdetection/mmsegmentation config."""
+def load_config(args: argparse.Namespace):
+    """The config of ``args`` with its ``--cfg-options`` merged in; an :class:`InputError` unless it is a readable
+    mmdetection/mmsegmentation config, or when a file or folder that ``args`` name does not exist."""
     from mmengine.config import Config
 
     import attnzoo.det  # noqa: F401  (the ops stand-in, AttnzooBackbone and the checkpoint hooks)
 
+    path, options = args.config, args.cfg_options
     if not Path(path).is_file():
         raise InputError(f"config {path} does not exist")
+    if getattr(args, "checkpoint", None) and not Path(args.checkpoint).is_file():
+        raise InputError(f"checkpoint {args.checkpoint} does not exist")
+    if args.data_root and not Path(args.data_root).is_dir():
+        raise InputError(f"--data-root {args.data_root} does not exist or is not a folder")
     try:
         cfg = Config.fromfile(path)
+        # unformatted text for the log, the dump and every checkpoint's copy: yapf takes about a second each
+        # (fromfile drops format_python_code for a plain config in mmengine 0.10.7, hence the copy)
+        cfg = Config(cfg.to_dict(), cfg_text=cfg.text, filename=cfg.filename, format_python_code=False)
     except Exception as e:  # mmengine raises whatever parsing or executing the file raised
         raise InputError(f"config {path} cannot be read as an mmengine config: {type(e).__name__}: {e}") from None
     scope = cfg.get("default_scope")
@@ -166,8 +174,6 @@ def _metrics(cfg, evaluator: str) -> list[dict]:
 def set_data_root(cfg, root: str) -> None:
     """Point every dataset and COCO evaluator of ``cfg`` at ``root`` (see the module docstring)."""
     data_root = Path(root)
-    if not data_root.is_dir():
-        raise InputError(f"--data-root {root} does not exist or is not a folder")
     datasets = {loader: _innermost(cfg[loader]["dataset"]) for loader in _LOADERS if cfg.get(loader)}
     for dataset in (d for ds in datasets.values() for d in ds):
         dataset["data_root"] = str(data_root)
@@ -218,6 +224,8 @@ def prepare(cfg, work_dir: Path, args: argparse.Namespace) -> None:
             cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
     else:
         cfg.launcher = "none"
+    if cfg.get("visualizer"):  # mmdet/mmseg name it "visualizer": a second run in one process would reuse the
+        cfg.visualizer.pop("name", None)  # first's and log into its folder; unnamed, it takes the run's name
     checkpoint = cfg.get("default_hooks", {}).get("checkpoint")
     if checkpoint and checkpoint.get("type") in ("CheckpointHook", "mmengine.hooks.CheckpointHook"):
         checkpoint["type"] = "AtomicCheckpointHook"
@@ -250,7 +258,7 @@ def _build_runner(cfg):
 
 def train(args: argparse.Namespace) -> Path | None:
     """Train as ``args`` say; returns the last checkpoint."""
-    cfg = load_config(args.config, args.cfg_options)
+    cfg = load_config(args)
     work_dir = Path(args.output or Path("runs") / Path(args.config).stem)
     checkpoint = latest_checkpoint(work_dir) if work_dir.is_dir() else None
     if args.resume and checkpoint is None:
@@ -294,10 +302,8 @@ def main(argv: list[str]) -> int:
 
 def test(args: argparse.Namespace) -> dict[str, float]:
     """The config's test evaluator on its test set, with the weights of ``args.checkpoint`` (strictly)."""
-    cfg = load_config(args.config, args.cfg_options)
+    cfg = load_config(args)
     checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_file():
-        raise InputError(f"checkpoint {checkpoint} does not exist")
     prepare(cfg, Path(args.output or Path("runs") / f"{Path(args.config).stem}-eval"), args)
     if not cfg.get("test_dataloader") or not cfg.get("test_evaluator"):
         raise InputError(f"{args.config} has no test_dataloader/test_evaluator to evaluate with")
