@@ -5,8 +5,13 @@
                   init_cfg=dict(type='Pretrained', checkpoint='timm/davit_tiny.msft_in1k'))
 
 The model is timm's ``features_only`` wrapper of ``model_name``; ``out_indices`` index its ``feature_info`` (timm's
-numbering: for DaViT 0-3 are strides 4-32, for MaxViT and HaloNet 0 is the stride-2 stem and 1-4 are strides 4-32).
-``out_channels`` and ``out_strides`` give what the neck receives.
+numbering: for DaViT, L2ViT and RAVLT 0-3 are strides 4-32; for MaxViT, HaloNet and the ELA / ULSAM CNNs 0 is the
+stride-2 stem and 1-4 are strides 4-32; for a plain ViT such as Sparsifiner, index i is block i, all at stride 16,
+to be fed to :class:`attnzoo.det.necks.SimpleFPN`). ``out_channels`` and ``out_strides`` give what the neck receives.
+
+``out_norm`` puts a LayerNorm on each output, as the L2ViT and RAVLT authors' detection backbones do (and Swin's);
+``norm_eval`` keeps every BatchNorm in eval mode while training, as mmdet's ResNet does for the CNN families
+(detection batches of 2 images per GPU are too small for batch statistics).
 
 ``init_cfg=dict(type='Pretrained', checkpoint=...)`` loads classification weights through timm, so each model's
 ``checkpoint_filter_fn`` converts them and the classifier is dropped. ``checkpoint`` is
@@ -25,7 +30,12 @@ import os
 import timm
 import torch
 from mmengine.model import BaseModule
+from timm.layers import LayerNorm2d
+from timm.models._features import FeatureGetterNet
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .necks import SimpleFPN
 
 __all__ = ["AttnzooBackbone"]
 
@@ -38,7 +48,10 @@ class AttnzooBackbone(BaseModule):
         out_indices: which of the model's ``feature_info`` levels to return.
         drop_path_rate: stochastic depth rate of the model.
         frozen_stages: -1 trains everything; 0 freezes the stem; k >= 1 freezes the stem and the first k stages
-            (the modules up to the stride-4 · 2^(k-1) feature).
+            (the modules up to the stride-4 · 2^(k-1) feature; for a plain ViT the patch embedding, class token
+            and position embedding, and the first k blocks).
+        norm_eval: keep BatchNorm layers in eval mode (running statistics fixed) during training.
+        out_norm: a LayerNorm over channels on each output feature map.
         with_cp: gradient checkpointing (timm's ``set_grad_checkpointing``), trading compute for memory.
         init_cfg: mmengine init config; ``dict(type='Pretrained', checkpoint=...)`` loads classification weights.
         **model_kwargs: passed to ``timm.create_model`` (e.g. ``img_size``).
@@ -50,6 +63,8 @@ class AttnzooBackbone(BaseModule):
         out_indices: tuple[int, ...] = (0, 1, 2, 3),
         drop_path_rate: float = 0.0,
         frozen_stages: int = -1,
+        norm_eval: bool = False,
+        out_norm: bool = False,
         with_cp: bool = False,
         init_cfg: dict | None = None,
         **model_kwargs,
@@ -69,18 +84,24 @@ class AttnzooBackbone(BaseModule):
         info = self.model.feature_info
         self.out_channels = tuple(info.channels())
         self.out_strides = tuple(info.reduction())
+        self.out_norms = nn.ModuleList(LayerNorm2d(c) for c in self.out_channels) if out_norm else None
         self.frozen_stages = frozen_stages
-        self._frozen = self._modules_before_stage(frozen_stages)
-        self.model.set_grad_checkpointing(with_cp)
+        self.norm_eval = norm_eval
+        self._frozen = self._frozen_parts(frozen_stages)
+        # timm's FeatureGetterNet (plain ViTs) does not forward set_grad_checkpointing to the model it wraps
+        net = self.model.model if isinstance(self.model, FeatureGetterNet) else self.model
+        net.set_grad_checkpointing(with_cp)
         self._freeze()
 
     def _num_levels(self) -> int:
         return len(timm.create_model(self.model_name, features_only=True, pretrained=False).feature_info)
 
-    def _modules_before_stage(self, frozen_stages: int) -> list[nn.Module]:
-        """The top-level modules that run before the output of stage ``frozen_stages`` (stem = stage 0)."""
+    def _frozen_parts(self, frozen_stages: int) -> list[nn.Module | nn.Parameter]:
+        """The modules (and loose parameters) that run before the output of stage ``frozen_stages`` (stem = 0)."""
         if frozen_stages < 0:
             return []
+        if isinstance(self.model, FeatureGetterNet):
+            return self._vit_parts_before_block(frozen_stages)
         # feature levels at stride >= 4 are the stages; timm's features_only wrapper names its children after
         # the modules in feature_info with '.' -> '_'
         stages = [f["module"].replace(".", "_") for f in self.model.feature_info.info if f["reduction"] >= 4]
@@ -98,15 +119,30 @@ class AttnzooBackbone(BaseModule):
             end = names.index(stages[frozen_stages - 1]) + 1
         return [m for _, m in children[:end]]
 
+    def _vit_parts_before_block(self, frozen_stages: int) -> list[nn.Module | nn.Parameter]:
+        vit = self.model.model
+        if frozen_stages > len(vit.blocks):
+            raise ValueError(f"AttnzooBackbone({self.model_name}): `frozen_stages`={frozen_stages} exceeds its "
+                             f"{len(vit.blocks)} blocks; expected -1..{len(vit.blocks)}")
+        embeddings = [p for p in (vit.cls_token, vit.reg_token, vit.pos_embed) if p is not None]
+        return [vit.patch_embed, *embeddings, *vit.blocks[:frozen_stages]]
+
     def _freeze(self) -> None:
-        for m in self._frozen:
-            m.eval()
-            for p in m.parameters():
+        for part in self._frozen:
+            if isinstance(part, nn.Parameter):
+                part.requires_grad = False
+                continue
+            part.eval()
+            for p in part.parameters():
                 p.requires_grad = False
 
     def train(self, mode: bool = True):
         super().train(mode)
         self._freeze()  # frozen stages keep their normalisation statistics
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
         return self
 
     def init_weights(self) -> None:
@@ -142,9 +178,14 @@ class AttnzooBackbone(BaseModule):
         return name, {}
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.model(x))
+        features = self.model(x)
+        if self.out_norms is not None:
+            features = [norm(f) for norm, f in zip(self.out_norms, features, strict=True)]
+        return tuple(features)
 
 
 def register(*registries) -> None:
+    """Register attnzoo's detection modules (:class:`AttnzooBackbone`, :class:`~attnzoo.det.necks.SimpleFPN`)."""
     for registry in registries:
         registry.register_module(module=AttnzooBackbone, force=True)
+        registry.register_module(module=SimpleFPN, force=True)
