@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..hub import InputError
 
@@ -218,12 +219,15 @@ def prepare(cfg, work_dir: Path, args: argparse.Namespace) -> None:
     cfg.work_dir = str(work_dir)
     if args.data_root:
         set_data_root(cfg, args.data_root)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun
-        cfg.launcher = "pytorch"
-        if not torch.cuda.is_available():
-            cfg.setdefault("env_cfg", {}).setdefault("dist_cfg", {})["backend"] = "gloo"
-    else:
-        cfg.launcher = "none"
+    cfg.launcher = "pytorch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"  # torchrun sets it
+    if cfg.launcher == "pytorch" and not torch.cuda.is_available():
+        # mmengine's pytorch launcher and DDP wrapper assume a GPU per process (cuda.set_device, device_ids):
+        # on the CPU the process group is gloo's, started here (mmengine then skips its own), and DDP gets none
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        cfg.setdefault("model_wrapper_cfg", dict(
+            type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False,
+            find_unused_parameters=cfg.get("find_unused_parameters", False)))
     if cfg.get("visualizer"):  # mmdet/mmseg name it "visualizer": a second run in one process would reuse the
         cfg.visualizer.pop("name", None)  # first's and log into its folder; unnamed, it takes the run's name
     checkpoint = cfg.get("default_hooks", {}).get("checkpoint")
@@ -244,6 +248,11 @@ def latest_checkpoint(work_dir: Path) -> Path | None:
             return named
     saved = [p for p in work_dir.glob("*.pth") if not p.name.startswith((".", "best_"))]
     return max(saved, key=lambda p: p.stat().st_mtime_ns) if saved else None
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 alone); readable after the process group is gone."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _build_runner(cfg):
@@ -293,7 +302,11 @@ def main(argv: list[str]) -> int:
     except InputError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"checkpoint: {last}", flush=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if _rank() == 0:
+        print(f"checkpoint: {last}", flush=True)
     return 0
 
 
@@ -331,8 +344,13 @@ def test_main(argv: list[str]) -> int:
     except InputError as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     results = {"config": args.config, "checkpoint": args.checkpoint,
                "metrics": {k: float(v) for k, v in metrics.items()}}
+    if _rank() != 0:
+        return 0
     text = json.dumps(results, indent=2)
     print(text, flush=True)
     if args.out:

@@ -6,6 +6,8 @@ import contextlib
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ pytest.importorskip("mmdet", reason="the det extra is not installed")
 from attnzoo.data import ShapesSpec, make_shapes_dataset  # noqa: E402
 from attnzoo.det.checkpoint import AtomicLocalBackend  # noqa: E402
 
-from ..tools.conftest import ROOT, load_tool, one_thread  # noqa: E402, F401  (one_thread: an autouse fixture)
+from ..tools.conftest import ROOT, load_tool, one_thread, tool_env  # noqa: E402, F401  (one_thread: autouse)
 
 train = load_tool("train")
 evaluate = load_tool("eval")
@@ -166,6 +168,28 @@ def test_mask_rcnn_trains_and_eval_reports_bbox_and_segm_map(coco, tmp_path, cap
     metrics = json.loads(printed[printed.index('{\n  "config"'):])["metrics"]
     for kind in ("bbox", "segm"):
         assert 0.0 <= metrics[f"coco/{kind}_mAP"] <= 1.0
+
+
+# about 70 s on 2 shared cores: two torchrun launches of two processes, each importing mmdet
+@pytest.mark.slow
+def test_torchrun_trains_with_two_gloo_processes_and_evaluates_as_one(retinanet, coco, tmp_path, capsys):
+    config = retinanet[0]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ddp = subprocess.run([*torchrun, str(ROOT / "tools" / "train.py"), str(config), "--data-root", str(coco),
+                          "--output", str(tmp_path / "run"), "--cfg-options", "train_cfg.max_iters=2"],
+                         env=tool_env(), capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    assert ddp.stdout.count("checkpoint: ") == 1  # rank 0 reports
+    checkpoint = tmp_path / "run" / "iter_2.pth"
+    assert "Distributed training: True" in ddp.stdout and _state(checkpoint)["meta"]["iter"] == 2
+    args = [str(config), str(checkpoint), "--data-root", str(coco), "--output", str(tmp_path / "eval")]
+    ddp = subprocess.run([*torchrun, str(ROOT / "tools" / "eval.py"), *args, "--out", str(tmp_path / "two.json")],
+                         env=tool_env(), capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    assert evaluate.main([*args, "--out", str(tmp_path / "one.json")]) == 0
+    # each process evaluates half the images; CocoMetric gathers them before computing the mAP
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text())["metrics"] for n in ("two", "one"))
+    assert two == one and "coco/bbox_mAP" in one
 
 
 def test_atomic_backend_leaves_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
