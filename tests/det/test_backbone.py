@@ -121,3 +121,92 @@ def test_triton_backend_runs_the_fused_window_kernel():
             out = backbone(x)[0]
     assert ("window_attention", "triton") in calls
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+# a two-block Sparsifiner (a plain ViT: every feature level is a block at stride 16)
+VIT = dict(img_size=48, depth=2, embed_dim=32, num_heads=2, basis_topk=1)
+
+
+def test_plain_vit_frozen_stages_freeze_embeddings_and_first_blocks():
+    backbone = AttnzooBackbone("sparsifiner_deit_small_patch16_224", out_indices=(1,), frozen_stages=1, **VIT).train()
+    vit = backbone.model.model
+    assert backbone.out_channels == (32,) and backbone.out_strides == (16,)
+    frozen = [vit.cls_token, vit.pos_embed, *vit.patch_embed.parameters(), *vit.blocks[0].parameters()]
+    assert all(not p.requires_grad for p in frozen)
+    assert all(p.requires_grad for p in vit.blocks[1].parameters())
+    assert not vit.blocks[0].training and vit.blocks[1].training
+    backbone(torch.randn(2, 3, 48, 48))[0].sum().backward()
+    assert vit.pos_embed.grad is None and vit.blocks[0].attn.qkv.weight.grad is None
+    assert vit.blocks[1].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"`frozen_stages`=3 exceeds its 2 blocks"):
+        AttnzooBackbone("sparsifiner_deit_small_patch16_224", out_indices=(1,), frozen_stages=3, **VIT)
+
+
+def test_plain_vit_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = AttnzooBackbone("sparsifiner_deit_small_patch16_224", out_indices=(0, 1), **VIT)
+    checkpointed = AttnzooBackbone("sparsifiner_deit_small_patch16_224", out_indices=(0, 1), with_cp=True, **VIT)
+    checkpointed.load_state_dict(plain.state_dict())
+    assert checkpointed.model.model.grad_checkpointing and not plain.model.model.grad_checkpointing
+    x = torch.randn(1, 3, 48, 48)
+    grads = []
+    for m in (plain, checkpointed):
+        sum(o.square().mean() for o in m(x)).backward()
+        grads.append(m.model.model.blocks[0].mlp.fc1.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_norm_eval_keeps_batchnorm_statistics_while_training():
+    x = torch.randn(2, 3, 64, 64)
+    for norm_eval in (False, True):
+        backbone = AttnzooBackbone("ela_s_resnet18", out_indices=(1, 2), norm_eval=norm_eval).train()
+        bn = backbone.model.layer2[0].bn1
+        before = bn.running_mean.clone()
+        backbone(x)
+        assert torch.equal(bn.running_mean, before) == norm_eval
+        assert backbone.model.layer2.training  # only the BatchNorm layers switch to eval
+        assert bn.weight.requires_grad  # their affine parameters still train, as in mmdet's ResNet
+
+
+def test_out_norm_is_a_layer_norm_over_channels_of_each_output():
+    plain = AttnzooBackbone("davit_tiny", out_indices=(1, 3), **SMALL).eval()
+    normed = AttnzooBackbone("davit_tiny", out_indices=(1, 3), out_norm=True, **SMALL).eval()
+    normed.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        normed.out_norms[1].weight.uniform_(0.5, 1.5)
+        normed.out_norms[1].bias.uniform_(-1, 1)
+        x = torch.randn(1, 3, 64, 64)
+        out, ref = normed(x), plain(x)
+    for o, r, norm in zip(out, ref, normed.out_norms, strict=True):
+        expected = torch.nn.functional.layer_norm(r.permute(0, 2, 3, 1), (r.shape[1],), norm.weight, norm.bias,
+                                                  norm.eps).permute(0, 3, 1, 2)
+        torch.testing.assert_close(o, expected)
+
+
+def test_simple_fpn_builds_vitdet_pyramid_from_last_map():
+    from mmdet.registry import MODELS as DET
+    from mmseg.registry import MODELS as SEG
+
+    from attnzoo.det.necks import SimpleFPN
+
+    assert DET.get("SimpleFPN") is SimpleFPN and SEG.get("SimpleFPN") is SimpleFPN
+    torch.manual_seed(0)
+    neck = SimpleFPN([8, 16], out_channels=12, num_outs=5).eval()
+    early, last = torch.randn(2, 8, 16, 16), torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        outs = neck((early, last))
+    assert [tuple(o.shape[1:]) for o in outs] == [(12, 32, 32), (12, 16, 16), (12, 8, 8), (12, 4, 4), (12, 2, 2)]
+    with torch.no_grad():
+        torch.testing.assert_close(outs[2], neck.convs[2](last))  # stride 16: the map itself
+        # stride 32: 2x2 max pooling; stride 64 (P6): stride-2 subsampling of stride 32
+        pooled = last.unflatten(2, (4, 2)).unflatten(4, (4, 2)).amax(dim=(3, 5))
+        torch.testing.assert_close(outs[3], neck.convs[3](pooled))
+        torch.testing.assert_close(outs[4], outs[3][:, :, ::2, ::2])
+        # stride 8: a 2x2 stride-2 transposed convolution writes each input pixel into its own 2x2 block
+        up = neck.rescales[1]
+        block = torch.einsum("bc,cokl->bokl", last[:, :, 3, 5], up.weight) + up.bias[:, None, None]
+        torch.testing.assert_close(up(last)[:, :, 6:8, 10:12], block)
+    with pytest.raises(ValueError, match=r"SimpleFPN: got 1 feature maps, expected 2"):
+        neck((last,))
+    with pytest.raises(ValueError, match=r"`num_outs`=3 is fewer than the 4 `scale_factors`"):
+        SimpleFPN([16], num_outs=3)
