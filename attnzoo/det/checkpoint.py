@@ -20,6 +20,13 @@ mid-write leaves a truncated ``iter_N.pth``. :class:`AtomicCheckpointHook` is th
 writing through :class:`AtomicLocalBackend`, which writes a hidden temporary file beside the target and renames
 it into place. mmengine writes its ``last_checkpoint`` pointer only after the checkpoint is complete, so the
 pointer never names a partial file (``attnzoo.det.runner`` reads it, falling back to the newest complete file).
+
+Finally, resumption that reproduces the uninterrupted run. mmengine restores the weights, optimizer, schedulers
+and iteration, and replays the data loader up to the resumed iteration (so the data order and the numpy-drawn
+augmentations repeat), but not torch's RNG, from which stochastic depth and the RPN's sampler draw inside the
+training step. :class:`SeedEachIterationHook` seeds torch before every training iteration from
+``(seed, iteration)``, as ``tools/train.py`` seeds each sample's augmentation, so those draws no longer depend on
+how the run got to that iteration.
 """
 from __future__ import annotations
 
@@ -33,8 +40,8 @@ from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import HistoryBuffer
 from mmengine.registry import HOOKS
 
-__all__ = ["AtomicCheckpointHook", "AtomicLocalBackend", "WeightsOnlyCheckpointHook", "allow_mmengine_globals",
-           "NUMPY_GLOBALS"]
+__all__ = ["AtomicCheckpointHook", "AtomicLocalBackend", "SeedEachIterationHook", "WeightsOnlyCheckpointHook",
+           "allow_mmengine_globals", "NUMPY_GLOBALS"]
 
 # what pickle calls to rebuild an ndarray (``_reconstruct(ndarray, shape, dtype)`` then its raw bytes) and a
 # numpy scalar (``scalar(dtype, bytes)``), and the dtype classes of bool and numbers (not of Python objects)
@@ -120,3 +127,14 @@ class AtomicCheckpointHook(CheckpointHook):
         if backend_args not in (None, {"backend": "atomic_local"}):
             raise ValueError(f"AtomicCheckpointHook writes local files only; got backend_args={backend_args}")
         super().__init__(*args, backend_args={"backend": "atomic_local"}, **kwargs)
+
+
+@HOOKS.register_module()
+class SeedEachIterationHook(Hook):
+    """Seeds torch (CPU and CUDA) from ``(runner.seed, runner.iter)`` before each training iteration, so what the
+    step draws (stochastic depth, proposal sampling) is the same in a resumed run (see the module docstring)."""
+
+    priority = "VERY_HIGH"  # before any hook that could draw
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        torch.manual_seed(int(np.random.SeedSequence([runner.seed, runner.iter]).generate_state(1)[0]))

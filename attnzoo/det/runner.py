@@ -13,6 +13,8 @@ and the classification mode's ``--output``, ``--resume`` and ``--seed``. What th
 * checkpoints are written atomically: the config's ``CheckpointHook`` becomes
   :class:`attnzoo.det.checkpoint.AtomicCheckpointHook` (same options; temp file + rename), and
   ``WeightsOnlyCheckpointHook`` is added when missing, so resuming works under ``torch.load(weights_only=True)``;
+* torch is seeded from ``(seed, iteration)`` before each training iteration
+  (:class:`attnzoo.det.checkpoint.SeedEachIterationHook`), so a resumed run draws what the uninterrupted one did;
 * ``--output`` that already holds a checkpoint needs ``--resume``, and ``--resume`` needs one there; the run
   resumes from the checkpoint ``last_checkpoint`` names (or the newest one when that pointer is unreadable);
 * ``--data-root DIR`` points every dataset and COCO evaluator of the config at DIR: a COCO 2017 folder
@@ -22,11 +24,11 @@ and the classification mode's ``--output``, ``--resume`` and ``--seed``. What th
   classes, the datasets take the annotations' category names and every ``num_classes`` of the model that
   counted the config's classes is set to their number (the RPN's single class is left alone).
 
-Exact resumption comes from mmengine: its resume restores the weights, optimizer, parameter schedulers, the
-iteration and the seed, and its iteration loop replays the data loader up to the resumed iteration, so with a
-fixed ``--seed`` a resumed run reproduces an uninterrupted one (tested with RetinaNet; a model whose training
-step draws from torch's RNG, as stochastic depth and the RPN's sampler do, is reproducible only up to those
-draws, which mmengine does not checkpoint).
+Exact resumption: mmengine's resume restores the weights, optimizer, parameter schedulers, the iteration and the
+seed, and its iteration loop replays the data loader up to the resumed iteration; with the per-iteration seed
+above, a resumed run reproduces an uninterrupted one with the same ``--seed`` (tested with a RetinaNet with
+stochastic depth). Not covered: augmentations that draw from torch's RNG in the data pipeline (mmdet's draw
+from numpy), and an epoch-based run resumed mid-epoch (mmengine resumes those at epoch boundaries).
 """
 from __future__ import annotations
 
@@ -234,8 +236,10 @@ def prepare(cfg, work_dir: Path, args: argparse.Namespace) -> None:
     if checkpoint and checkpoint.get("type") in ("CheckpointHook", "mmengine.hooks.CheckpointHook"):
         checkpoint["type"] = "AtomicCheckpointHook"
     custom = list(cfg.get("custom_hooks", []))
-    if not any(h.get("type") == "WeightsOnlyCheckpointHook" for h in custom):
-        cfg.custom_hooks = [*custom, dict(type="WeightsOnlyCheckpointHook")]
+    for hook in ("WeightsOnlyCheckpointHook", "SeedEachIterationHook"):
+        if not any(h.get("type") == hook for h in custom):
+            custom.append(dict(type=hook))
+    cfg.custom_hooks = custom
 
 
 def latest_checkpoint(work_dir: Path) -> Path | None:

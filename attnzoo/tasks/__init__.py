@@ -26,6 +26,7 @@ TASKS: dict[str, str] = {
     "oat": "attnzoo.tasks.oat:OATTask",
     "dcal": "attnzoo.tasks.dcal:DCALTask",
     "sparsifiner": "attnzoo.tasks.sparsifiner:SparsifinerTask",
+    "cca": "attnzoo.tasks.cca:CCATask",
 }
 
 

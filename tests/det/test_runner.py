@@ -1,5 +1,6 @@
-"""mmengine Runner on a tiny COCO-format set written by the test: the loss falls, COCO mAP is computed, and the run
-resumes from its checkpoint under torch.load(weights_only=True) (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD unset)."""
+"""mmengine Runner on tiny sets written by the tests (COCO-format shapes for Mask R-CNN, ADE-like PNG label maps for
+UperNet): the loss falls, COCO mAP / mIoU are computed, and the run resumes from its checkpoint under
+torch.load(weights_only=True) (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD unset)."""
 from __future__ import annotations
 
 import json
@@ -104,4 +105,80 @@ def test_runner_trains_evaluates_and_resumes(tmp_path, monkeypatch):
     assert resumed.iter == 10
     history = resumed.message_hub.get_scalar("train/loss").data[0]
     np.testing.assert_allclose(history[:8], losses)  # the smoothed logs came back with the checkpoint
+    assert len(history) == 10
+
+
+def write_shapes_ade(root: Path, n: int = 4, size: int = 64) -> None:
+    """n images with a rectangle and a disc on a floor, and their label maps as ADE20K stores them: PNGs of class
+    index + 1, where 0 (here a 2-pixel frame) is "unlabelled" and reduce_zero_label maps it to the ignore index."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for sub in ("images", "annotations"):
+        (root / sub).mkdir(parents=True)
+    for i in range(n):
+        img = np.full((size, size, 3), 40, np.uint8)
+        label = np.full((size, size), 1, np.uint8)  # floor
+        x, y = (int(v) for v in rng.integers(4, 20, 2))
+        w, h = (int(v) for v in rng.integers(14, 24, 2))
+        cv2.rectangle(img, (x, y), (x + w, y + h), (220, 60, 60), -1)
+        cv2.rectangle(label, (x, y), (x + w, y + h), 2, -1)
+        cx, cy, r = int(rng.integers(40, 52)), int(rng.integers(40, 52)), int(rng.integers(6, 10))
+        cv2.circle(img, (cx, cy), r, (60, 200, 60), -1)
+        cv2.circle(label, (cx, cy), r, 3, -1)
+        label[:2], label[-2:], label[:, :2], label[:, -2:] = 0, 0, 0, 0
+        cv2.imwrite(str(root / "images" / f"{i}.png"), img)
+        cv2.imwrite(str(root / "annotations" / f"{i}.png"), label)
+
+
+def tiny_seg_cfg(root: Path, work_dir: Path, max_iters: int) -> Config:
+    cfg = Config.fromfile(CONFIGS / "l2vit/upernet_l2vit-t_8xb2-160k_ade20k-512x512.py")
+    cfg.work_dir = str(work_dir)
+    dims = [16, 32, 64, 128]
+    cfg.model.backbone.update(init_cfg=None, depths=(1, 1, 1, 1), dims=dims, num_heads=(1, 2, 4, 8))
+    cfg.model.data_preprocessor.size = (64, 64)
+    cfg.model.decode_head.update(in_channels=dims, channels=32, num_classes=3)
+    cfg.model.auxiliary_head.update(in_channels=dims[2], channels=16, num_classes=3)
+    pipeline = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations", reduce_zero_label=True),
+                dict(type="PackSegInputs")]
+    dataset = dict(type="BaseSegDataset", data_root=str(root), img_suffix=".png", seg_map_suffix=".png",
+                   reduce_zero_label=True, data_prefix=dict(img_path="images", seg_map_path="annotations"),
+                   metainfo=dict(classes=("floor", "rectangle", "disc"), palette=[[40, 40, 40], [220, 60, 60],
+                                                                                   [60, 200, 60]]),
+                   pipeline=pipeline)
+    loader = dict(batch_size=2, num_workers=0, persistent_workers=False,
+                  sampler=dict(type="DefaultSampler", shuffle=False), dataset=dataset)
+    cfg.train_dataloader = loader
+    cfg.val_dataloader = cfg.test_dataloader = dict(loader, batch_size=1)
+    cfg.val_evaluator = cfg.test_evaluator = dict(type="IoUMetric", iou_metrics=["mIoU"])
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters)
+    cfg.optim_wrapper.optimizer.lr = 1e-3
+    cfg.param_scheduler = []
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=max_iters, by_epoch=False)
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=1)
+    cfg.launcher = "none"
+    return cfg
+
+
+def test_seg_runner_trains_evaluates_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
+    write_shapes_ade(tmp_path / "data")
+    torch.manual_seed(0)
+    runner = Runner.from_cfg(tiny_seg_cfg(tmp_path / "data", tmp_path / "work", max_iters=8))
+    runner.train()
+    losses = runner.message_hub.get_scalar("train/loss").data[0]
+    assert len(losses) == 8
+    assert losses[-2:].mean() < losses[:2].mean()
+    metrics = runner.val_loop.run()
+    assert 0.0 <= metrics["mIoU"] <= 100.0 and "aAcc" in metrics
+    checkpoint = tmp_path / "work" / "iter_8.pth"
+    torch.load(checkpoint, weights_only=True)
+
+    cfg = tiny_seg_cfg(tmp_path / "data", tmp_path / "work", max_iters=10)
+    cfg.resume = True
+    resumed = Runner.from_cfg(cfg)
+    resumed.train()
+    assert resumed.iter == 10
+    history = resumed.message_hub.get_scalar("train/loss").data[0]
+    np.testing.assert_allclose(history[:8], losses)
     assert len(history) == 10

@@ -26,7 +26,7 @@ evaluate = load_tool("eval")
 # shared by both models: a DaViT with one block a stage and 8-64 channels, 64 px inputs, batch 2, no workers
 _COMMON = """
 model = dict(backbone=dict(embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
-                           drop_path_rate=0.0, init_cfg=None))
+                           drop_path_rate=0.3, init_cfg=None))  # stochastic depth: the step draws from torch
 _load = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True, with_mask={masks})]
 _resize = dict(type='Resize', scale=(64, 64), keep_ratio=True)
 _train = [*_load, _resize, dict(type='RandomFlip', prob=0.5), dict(type='PackDetInputs')]
