@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.attnzoo-installed
+MMCV_FULL := $(VENV)/.mmcv-full
 # pytest arguments, e.g. `make test PYTEST_ARGS="-k window -x"`
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow test-cuda benchmark demo lint clean mmcv-full
+.PHONY: setup test test-slow test-cuda benchmark demo lint clean mmcv-full mmcv-full-install
 
 setup: $(STAMP)
 
@@ -16,6 +17,8 @@ $(PY):
 # Re-runs only when the dependency lists change, so a second `make test` installs nothing.
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,det,tools]"
+	@# the det extra brings mmcv-lite back: where `make mmcv-full` ran, put the full build back (pip's wheel cache)
+	if [ -f $(MMCV_FULL) ]; then $(MAKE) --no-print-directory mmcv-full-install; fi
 	touch $@
 
 test: $(STAMP)
@@ -44,12 +47,18 @@ demo: $(STAMP)
 
 # opt-in: mmcv 2.1.0 with its compiled ops (deformable convolution and the rest), replacing mmcv-lite; about 20 min
 # on 2 cores. torch >= 2.14 headers need C++20 but mmcv's setup.py asks for C++17: a g++ wrapper swaps the flag.
+# Both distributions own the `mmcv/` folder, so the full one is reinstalled whole (--force-reinstall) after
+# mmcv-lite's files are removed; $(MMCV_FULL) records the choice for later set-ups (see $(STAMP)).
 mmcv-full: $(STAMP)
+	$(MAKE) --no-print-directory mmcv-full-install
+	touch $(MMCV_FULL)
+
+mmcv-full-install:
 	printf '#!/bin/bash\nargs=(); for a in "$$@"; do [[ $$a == -std=c++1[47] ]] && args+=(-std=c++20) || args+=("$$a"); done\nexec g++ "$${args[@]}"\n' > $(VENV)/cxx20
 	chmod +x $(VENV)/cxx20
 	$(PY) -m pip uninstall -y mmcv-lite
 	$(PY) -m pip install -c constraints.txt wheel ninja
-	MMCV_WITH_OPS=1 FORCE_CUDA=0 CXX="$(CURDIR)/$(VENV)/cxx20" $(PY) -m pip install --no-build-isolation mmcv==2.1.0
+	MMCV_WITH_OPS=1 FORCE_CUDA=0 CXX="$(CURDIR)/$(VENV)/cxx20" $(PY) -m pip install --no-build-isolation --force-reinstall --no-deps mmcv==2.1.0
 
 lint: $(STAMP)
 	$(PY) -m ruff check attnzoo tools tests
