@@ -58,8 +58,10 @@ def sample_inputs(state: dict, n: int = 16) -> torch.Tensor:
         return torch.randn(n, *config["input_size"], generator=torch.Generator().manual_seed(0))
 
 
-def publish(checkpoint: Path, out: Path, ema: bool = False, overwrite: bool = False) -> tuple[Path, dict]:
-    """Write the Hub folder and check the reload; returns it and the numbers that went into the card."""
+def publish(checkpoint: Path, out: Path, ema: bool = False, overwrite: bool = False,
+            repo: str | None = None) -> tuple[Path, dict]:
+    """Write the Hub folder and check the reload; returns it and the numbers that went into the card. ``repo`` is
+    the Hub repo the card's usage example names (``ORG/<folder name>`` when not given)."""
     state = json.loads((checkpoint / "state.json").read_text())
     args, classes, metrics = state["args"], state["classes"], state["metrics"]
     weights = checkpoint / ("ema.safetensors" if ema else "model.safetensors")
@@ -79,8 +81,8 @@ def publish(checkpoint: Path, out: Path, ema: bool = False, overwrite: bool = Fa
             "Weights": "EMA" if ema else "final",
             **{k: f"{v:.2f}%" for k, v in numbers.items() if v is not None},
         },
-        "usage": f"```python\nimport attnzoo, timm\nmodel = timm.create_model('hf-hub:ORG/{out.name}', "
-                 "pretrained=True)\n```",
+        "usage": f"```python\nimport attnzoo, timm\nmodel = timm.create_model('hf-hub:{repo or 'ORG/' + out.name}',"
+                 " pretrained=True)\n```",
     }
     data_config = {k: state["data_config"][k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct",
                                                         "crop_mode") if k in state["data_config"]}
@@ -96,25 +98,38 @@ def publish(checkpoint: Path, out: Path, ema: bool = False, overwrite: bool = Fa
 
 
 def push(folder: Path, repo: str, private: bool) -> str:
+    """Create ``repo`` (a model repo; kept if it exists) and upload the folder as one commit; returns its URL."""
     from huggingface_hub import create_repo, upload_folder
+    from huggingface_hub.utils import validate_repo_id
 
-    repo_id = create_repo(repo, private=private, exist_ok=True).repo_id
-    return upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Add model (attnzoo publish)")
+    try:
+        validate_repo_id(repo)
+    except ValueError as e:
+        raise InputError(f"--repo {repo!r} is not a Hub repo id (expected ORG/NAME): {e}") from None
+    try:
+        repo_id = create_repo(repo, private=private, exist_ok=True).repo_id
+        return str(upload_folder(repo_id=repo_id, folder_path=str(folder),
+                                 commit_message="Add model (attnzoo publish)"))
+    except Exception as e:  # no network, no token, no write access: errors of the Hub client and its HTTP library
+        raise InputError(f"pushing {folder} to the Hub repo {repo} failed ({type(e).__name__}: {e}); the folder "
+                         f"is complete: retry with `huggingface-cli upload {repo} {folder}`") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        folder, numbers = publish(find_checkpoint(Path(args.checkpoint)), Path(args.out), args.ema, args.overwrite)
+        folder, numbers = publish(find_checkpoint(Path(args.checkpoint)), Path(args.out), args.ema, args.overwrite,
+                                  args.repo)
+        print(f"wrote {folder} (config.json, model.safetensors, README.md)")
+        print(f"reloaded with timm.create_model('local-dir:{folder}', pretrained=True): same predictions on "
+              f"{numbers.pop('checked_images')} images; " + ", ".join(f"{k} {v:.2f}%" for k, v in numbers.items()
+                                                                      if v is not None))
+        if args.repo:
+            print(f"pushed: {push(folder, args.repo, args.private)}")
+            print(f"load it with timm.create_model('hf-hub:{args.repo}', pretrained=True)")
     except InputError as e:
         print(f"publish.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {folder} (config.json, model.safetensors, README.md)")
-    print(f"reloaded with timm.create_model('local-dir:{folder}', pretrained=True): same predictions on "
-          f"{numbers.pop('checked_images')} images; " + ", ".join(f"{k} {v:.2f}%" for k, v in numbers.items()
-                                                                  if v is not None))
-    if args.repo:
-        print(f"pushed: {push(folder, args.repo, args.private)}")
     return 0
 
 

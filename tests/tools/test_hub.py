@@ -113,3 +113,43 @@ def test_eval_rejects_unknown_models_and_missing_folders(shapes, tmp_path, capsy
     assert "does not exist" in capsys.readouterr().err
     assert publish.main([str(tmp_path), "--out", str(tmp_path / "hub")]) == 2
     assert "neither a run folder" in capsys.readouterr().err
+
+
+def test_publish_pushes_the_checked_folder_to_the_named_repo(trained, tmp_path, monkeypatch, capsys):
+    """--repo: the repo is created (kept when it exists) and the folder timm reloaded is uploaded whole; the card
+    names the repo. The Hub client is replaced by a recorder (no network here), a failing one by an HTTP error."""
+    import huggingface_hub
+    from huggingface_hub.utils import HfHubHTTPError
+
+    calls = []
+
+    def create_repo(repo_id, private=False, exist_ok=False, **kwargs):
+        calls.append(("create", repo_id, private, exist_ok))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(repo_id, folder_path, commit_message, **kwargs):
+        calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+        return f"https://huggingface.co/{repo_id}/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    hub = tmp_path / "hub"
+    assert publish.main([str(trained), "--out", str(hub), "--repo", "someone/davit-shapes", "--private"]) == 0
+    assert calls == [("create", "someone/davit-shapes", True, True),
+                     ("upload", "someone/davit-shapes", ["README.md", "config.json", "model.safetensors"])]
+    assert "hf-hub:someone/davit-shapes" in (hub / "README.md").read_text()
+    assert "pushed: https://huggingface.co/someone/davit-shapes/commit/1" in capsys.readouterr().out
+
+    def refused(*args, **kwargs):
+        import httpx2  # the HTTP client huggingface-hub 2 is built on
+
+        request = httpx2.Request("POST", "https://huggingface.co/api/models/someone/davit-shapes/commit/main")
+        raise HfHubHTTPError("401 Client Error: Unauthorized", response=httpx2.Response(401, request=request))
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", refused)
+    assert publish.main([str(trained), "--out", str(hub), "--overwrite", "--repo", "someone/davit-shapes"]) == 2
+    err = capsys.readouterr().err
+    assert "pushing" in err and "Unauthorized" in err and "huggingface-cli upload someone/davit-shapes" in err
+    assert (hub / "model.safetensors").is_file()  # the folder stays complete for a retry
+    assert publish.main([str(trained), "--out", str(tmp_path / "hub2"), "--repo", "not a repo"]) == 2
+    assert "is not a Hub repo id" in capsys.readouterr().err
