@@ -5,7 +5,8 @@ The authors (HKUST-NISL/oat_eccv24, ``src/preprocess``, ``src/dataBuilders/data_
 records ``{package_target: [t], package_seq: [...], X, Y, question_img_feature, id, tgt_id, layout_id, sub_id}``
 (1-based object indices; ``question_img_feature`` the row-major object crops, float in [0, 1], H x W x 3) and write
 the split order (a shuffled list of record indices, one a line, ``split.py``). We never unpickle: the same records
-live in a folder (see the README for the one-off conversion of the authors' file)::
+live in a folder, made once from the authors' list by :func:`from_authors_records` and :func:`write_oat_folder`
+(the README shows the conversion, where the user unpickles the authors' file they trust)::
 
     DATA/records.json   {"records": [{id, layout_id, tgt_id, package_target, package_seq, (sub_id, X, Y)}, ...],
                          "grids": {ID: {rows, cols, cell: [w, h], top, screen: [w, h]}}}   ("grids" optional)
@@ -38,8 +39,8 @@ from torch.utils.data import Dataset
 
 from ..hub import InputError
 
-__all__ = ["GRIDS", "Grid", "GridSearchSpec", "OATScanpaths", "collate_scanpaths", "load_oat_folder",
-           "make_grid_search", "read_index_file", "split_records", "write_oat_folder"]
+__all__ = ["GRIDS", "Grid", "GridSearchSpec", "OATScanpaths", "collate_scanpaths", "from_authors_records",
+           "load_oat_folder", "make_grid_search", "read_index_file", "split_records", "write_oat_folder"]
 
 RECORDS, CROPS = "records.json", "crops.npz"
 
@@ -221,6 +222,35 @@ def write_oat_folder(root: str | os.PathLike, records: Sequence[dict], crops: di
     order = range(len(records)) if order is None else order
     (root / index_file).write_text("\n".join(str(i) for i in order))
     return root
+
+
+def from_authors_records(records: Sequence[dict]) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """The authors' records (the list their preprocessing pickles) as this folder's records and crops: each
+    record's ``question_img_feature`` becomes the crops of its ``layout_id`` (one array per layout; records of
+    one layout must carry the same crops), numpy scalars and arrays become json numbers and lists, and
+    ``layout_id`` a string (an ``.npz`` key)."""
+
+    def plain(v):
+        if isinstance(v, np.ndarray):
+            return v.tolist()
+        if isinstance(v, np.generic):
+            return v.item()
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    out, crops = [], {}
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or "question_img_feature" not in r or "layout_id" not in r:
+            raise InputError(f"authors' records[{i}]: expected a dict with 'layout_id' and 'question_img_feature' "
+                             f"(got {type(r).__name__}{' with keys ' + str(sorted(r)) if isinstance(r, dict) else ''})")
+        layout = str(plain(r["layout_id"]))
+        image = np.asarray(r["question_img_feature"])
+        if layout in crops and not np.array_equal(crops[layout], image):
+            raise InputError(f"authors' records[{i}]: layout {layout!r} has other crops than an earlier record of it")
+        crops[layout] = image
+        out.append({k: plain(v) for k, v in r.items() if k != "question_img_feature"} | {"layout_id": layout})
+    return out, crops
 
 
 # ------------------------------------------------------------------------------------------ synthetic grid search

@@ -14,6 +14,7 @@ from attnzoo.data.oat import (
     GridSearchSpec,
     OATScanpaths,
     collate_scanpaths,
+    from_authors_records,
     load_oat_folder,
     make_grid_search,
     read_index_file,
@@ -315,6 +316,29 @@ def test_index_file_errors(tmp_path):
     path.write_text("0\n0\n")
     with pytest.raises(InputError, match="duplicates"):
         read_index_file(path, 3)
+
+
+def test_authors_records_convert_to_a_folder_that_loads(tmp_path):
+    """The authors' pickled list (crops inside each record, numpy values, int layout ids) -> records + crops."""
+    spec = GridSearchSpec(layouts=2, targets_per_layout=2, rows=2, cols=3, crop=CROP)
+    records, crops = make_grid_search(spec)
+    layout_ids = {name: i for i, name in enumerate(sorted(crops))}
+    authors = [{**r, "layout_id": np.int64(layout_ids[r["layout_id"]]), "package_seq": np.array(r["package_seq"]),
+                "package_target": [np.int64(r["package_target"][0])], "question_img_feature": crops[r["layout_id"]]}
+               for r in records]
+    converted, converted_crops = from_authors_records(authors)
+    assert sorted(converted_crops) == ["0", "1"]
+    for r, c in zip(records, converted, strict=True):
+        assert c["layout_id"] == str(layout_ids[r["layout_id"]]) and c["package_seq"] == r["package_seq"]
+        assert np.array_equal(converted_crops[c["layout_id"]], crops[r["layout_id"]])
+    root = write_oat_folder(tmp_path / "oat", converted, converted_crops, {"grid": spec.grid})
+    loaded, loaded_crops, _ = load_oat_folder(root)
+    assert loaded == converted and all(np.array_equal(loaded_crops[k], v) for k, v in converted_crops.items())
+    clash = [authors[0], {**authors[0], "question_img_feature": authors[0]["question_img_feature"] * 0}]
+    with pytest.raises(InputError, match="has other crops than an earlier record"):
+        from_authors_records(clash)
+    with pytest.raises(InputError, match="expected a dict with 'layout_id' and 'question_img_feature'"):
+        from_authors_records([{"layout_id": 0}])
 
 
 # --------------------------------------------------------------------------------------------- tools/train.py
