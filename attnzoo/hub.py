@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -19,6 +20,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 from timm.models._hub import generate_readme, save_for_hf
+
+from .backbones._pretrained import checkpoint_weights, read_training_checkpoint
 
 __all__ = ["InputError", "atomic_dir", "check_model_name", "load_weights", "read_state_dict", "save_hub_folder"]
 
@@ -48,17 +51,23 @@ def check_model_name(name: str) -> str:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file, or of a ``.pth``/``.pt``/``.bin`` file loaded with
-    ``weights_only=True`` (its ``state_dict``/``model`` entry when it wraps one)."""
+    ``weights_only=True``: a bare state_dict, or the weights inside a training checkpoint, its EMA entry when the
+    file's name ends in ``ema`` (:func:`attnzoo.backbones._pretrained.checkpoint_weights`)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         return load_file(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    return checkpoint
+    try:
+        checkpoint = read_training_checkpoint(path)
+    except pickle.UnpicklingError as e:
+        raise InputError(f"checkpoint {path} cannot be read with torch.load(weights_only=True): {e}") from None
+    if not isinstance(checkpoint, dict):
+        raise InputError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state_dict")
+    try:
+        return checkpoint_weights(checkpoint, path)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def _key_report(label: str, keys: list[str], limit: int = 8) -> str:

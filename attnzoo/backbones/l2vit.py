@@ -269,10 +269,8 @@ _RENAMES = (
 
 
 def checkpoint_filter_fn(state_dict: dict, model: L2ViT) -> dict[str, torch.Tensor]:
-    """The authors' layout → ours. Takes their training checkpoint (its EMA weights under ``model_ema``, which
-    reached the published accuracy, else ``model``) or a bare state_dict; ours passes through unchanged."""
-    if "model_ema" in state_dict or "model" in state_dict:
-        state_dict = state_dict.get("model_ema") or state_dict["model"]
+    """The authors' layout → ours, on a bare state_dict (the loaders take it out of a training checkpoint by the
+    file's name: :func:`._pretrained.checkpoint_weights`); ours passes through unchanged."""
     if "stem.conv1.weight" in state_dict:
         return state_dict
     out = {}
@@ -320,6 +318,9 @@ default_cfgs = generate_default_cfgs({
     "l2vit_small.in1k": _cfg("L2ViT-Small-checkpoint-best-ema.pth"),
     "l2vit_base.in1k": _cfg("L2ViT-Base-checkpoint-best-ema.pth"),
     "l2vit_base.in22k_ft_in1k": _cfg("L2ViT-Base-22k21k-finetune-224-checkpoint-best.pth"),
+    # the ImageNet-22k pre-training (21,841 classes, in the authors' own class order: their
+    # classification/custom_map22kto1k.txt maps it to ImageNet-1k's, unlike ConvNeXt's map)
+    "l2vit_base.in22k": _cfg("L2ViT-Base-22k-pretrain-checkpoint-best.pth", num_classes=21841),
     "l2vit_base_384.in22k_ft_in1k": _cfg("L2ViT-Base-22k21k-finetune-384-checkpoint-best.pth",
                                          input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
 })

@@ -11,9 +11,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from attnzoo.backbones.l2vit import L2ViT, LinearAttention, checkpoint_filter_fn
 from attnzoo.kernels import trace, use_backend
+
+from ..tools.conftest import load_tool
 
 SLOW = pytest.mark.slow
 FIXTURE = json.loads((Path(__file__).parents[1] / "fixtures" / "l2vit_state_dict.json").read_text())["variants"]
@@ -43,6 +46,7 @@ def test_registered_with_tags_on_the_authors_release():
                       ("l2vit_small.in1k", "L2ViT-Small-checkpoint-best-ema.pth"),
                       ("l2vit_base.in1k", "L2ViT-Base-checkpoint-best-ema.pth"),
                       ("l2vit_base.in22k_ft_in1k", "L2ViT-Base-22k21k-finetune-224-checkpoint-best.pth"),
+                      ("l2vit_base.in22k", "L2ViT-Base-22k-pretrain-checkpoint-best.pth"),
                       ("l2vit_base_384.in22k_ft_in1k", "L2ViT-Base-22k21k-finetune-384-checkpoint-best.pth")]:
         assert timm.models.get_pretrained_cfg(tag).url == release + file
 
@@ -61,7 +65,7 @@ def test_parameter_counts(name):
 def test_converter_loads_the_authors_layout_strictly(name):
     model = timm.create_model(name)
     authors = _authors_state_dict(name)
-    converted = checkpoint_filter_fn({"model": {}, "model_ema": authors}, model)
+    converted = checkpoint_filter_fn(authors, model)
     model.load_state_dict(converted, strict=True)
     torch.testing.assert_close(model.stem.conv1.weight, authors["downsample_layers.0.proj.proj.0.weight"])
     torch.testing.assert_close(model.stages[1].downsample.norm.weight, authors["downsample_layers.1.norm.weight"])
@@ -80,6 +84,30 @@ def _release_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variant: str,
     torch.save({"model": {k: torch.zeros_like(v) for k, v in ema.items()}, "model_ema": ema, "epoch": 299,
                 "args": argparse.Namespace(model="L2ViT_Tiny", drop_path=0.1)}, path)
     return path
+
+
+def test_a_best_file_gives_the_plain_weights_a_best_ema_file_the_ema(tmp_path, monkeypatch):
+    """The authors' main.py writes checkpoint-best.pth when the plain weights peak and checkpoint-best-ema.pth
+    when the EMA does, both files holding both: the file's name picks the entry (timm's loader and convert.py)."""
+    from attnzoo.backbones._pretrained import checkpoint_weights
+
+    plain, ema = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
+    both = {"model": plain, "model_ema": ema, "epoch": 90}
+    assert checkpoint_weights(both, "L2ViT-Base-22k21k-finetune-224-checkpoint-best.pth") is plain
+    assert checkpoint_weights(both, "L2ViT-Tiny-checkpoint-best-ema.pth") is ema
+    assert checkpoint_weights(plain, "anything-ema.pth") is plain  # a bare state_dict
+    with pytest.raises(ValueError, match="says EMA weights, but the checkpoint has only"):
+        checkpoint_weights({"model": plain}, "L2ViT-Tiny-checkpoint-best-ema.pth")
+    # through convert.py: the release file as their script saves it (with its pickled Namespace) -> the EMA
+    convert = load_tool("convert")
+    weights = _authors_state_dict("l2vit_tiny", seed=3)
+    path = tmp_path / "L2ViT-Tiny-checkpoint-best-ema.pth"
+    torch.save({"model": {k: torch.zeros_like(v) for k, v in weights.items()}, "model_ema": weights,
+                "args": argparse.Namespace(model="L2ViT_Tiny")}, path)
+    hub = tmp_path / "hub"
+    assert convert.main(["l2vit_tiny", str(path), "--out", str(hub)]) == 0
+    converted = load_file(hub / "model.safetensors")
+    torch.testing.assert_close(converted["head.fc.weight"], weights["head.weight"])
 
 
 def test_pretrained_loads_the_release_files_ema_weights(tmp_path, monkeypatch):
