@@ -8,6 +8,16 @@ import triton.language as tl
 from .dispatch import interpreting
 
 
+def unsupported_input(t: torch.Tensor, name: str, limit: int, what: str, symbol: str) -> str | None:
+    """Why a fused kernel cannot take the input ``name`` (a phrase for the op's error message), or None: the
+    kernels take fp16, bf16 and fp32, and tile the last dim ``symbol`` (``what``, e.g. "a head dim") up to ``limit``."""
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"takes float16, bfloat16 or float32 `{name}`, got {t.dtype}"
+    if t.shape[-1] > limit:
+        return f"supports {what} {symbol} <= {limit}, got `{name}` with {symbol}={t.shape[-1]}"
+    return None
+
+
 def fp32_dot(dtype: torch.dtype) -> bool:
     """The `FP32` flag of :func:`dot` for inputs of `dtype`: fp32 inputs get exact products (unless torch allows
     tf32 matmuls), and bf16 goes through fp32 under Triton's interpreter, whose bf16 `tl.dot` is wrong."""

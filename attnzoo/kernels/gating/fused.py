@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._triton import unsupported_input
 from ..dispatch import interpreting
 
 MAX_W = 4096
@@ -27,11 +28,7 @@ MAX_POSITIONS = 1024  # positions of a block in the ULSAM kernels
 
 def unsupported(x: torch.Tensor) -> str | None:
     """Why the fused kernels cannot take ``x`` (a phrase for an error message), or None when they can."""
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"takes float16, bfloat16 or float32 `x`, got {x.dtype}"
-    if x.shape[-1] > MAX_W:
-        return f"supports a width W <= {MAX_W}, got `x` with W={x.shape[-1]}"
-    return None
+    return unsupported_input(x, "x", MAX_W, "a width", "W")
 
 
 def _row_blocks(H: int, W: int) -> tuple[int, int]:

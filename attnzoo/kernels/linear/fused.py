@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import dot, fp32_dot
+from .._triton import dot, fp32_dot, unsupported_input
 from ..dispatch import interpreting
 
 MAX_D = 128
@@ -32,11 +32,7 @@ MAX_D = 128
 
 def unsupported(q: torch.Tensor) -> str | None:
     """Why the fused kernels cannot take ``q`` (a phrase for an error message), or None when they can."""
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"takes float16, bfloat16 or float32 `q`, got {q.dtype}"
-    if q.shape[-1] > MAX_D:
-        return f"supports a head dim D <= {MAX_D}, got `q` with D={q.shape[-1]}"
-    return None
+    return unsupported_input(q, "q", MAX_D, "a head dim", "D")
 
 
 @triton.jit

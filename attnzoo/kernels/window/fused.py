@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import dot, fp32_dot
+from .._triton import dot, fp32_dot, unsupported_input
 
 MAX_N, MAX_D = 256, 128
 # The automatic choice takes the fused kernel up to this window size; larger windows (12×12 = 144 at 384 px)
@@ -34,13 +34,10 @@ LOG2E = 1.4426950408889634
 
 def unsupported(q: torch.Tensor) -> str | None:
     """Why the fused kernel cannot take `q` (None if it can)."""
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"takes float16, bfloat16 or float32 `q`, got {q.dtype}"
-    if q.shape[-1] > MAX_D:
-        return f"supports a head dim D <= {MAX_D}, got `q` with D={q.shape[-1]}"
-    if q.shape[-2] > MAX_N:
-        return f"supports windows of N <= {MAX_N} tokens, got `q` with N={q.shape[-2]}"
-    return None
+    reason = unsupported_input(q, "q", MAX_D, "a head dim", "D")
+    if reason is None and q.shape[-2] > MAX_N:
+        reason = f"supports windows of N <= {MAX_N} tokens, got `q` with N={q.shape[-2]}"
+    return reason
 
 
 def preferred(q: torch.Tensor) -> bool:
