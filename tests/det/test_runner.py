@@ -80,25 +80,22 @@ def tiny_cfg(root: Path, work_dir: Path, max_iters: int) -> Config:
     return cfg
 
 
-# about 3.5 minutes on 2 shared cores (Mask R-CNN, 10 iterations, COCO evaluation)
-@pytest.mark.slow
-def test_runner_trains_evaluates_and_resumes(tmp_path, monkeypatch):
-    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
-    write_shapes_coco(tmp_path / "data")
+def train_evaluate_resume(make_cfg, data: Path, work: Path) -> dict:
+    """8 iterations in which the loss falls, a checkpoint that ``torch.load(weights_only=True)`` reads whole
+    (message hub included), then a resumed run to 10 that brings back the logged losses; returns the metrics."""
     torch.manual_seed(0)
-    runner = Runner.from_cfg(tiny_cfg(tmp_path / "data", tmp_path / "work", max_iters=8))
+    runner = Runner.from_cfg(make_cfg(data, work, max_iters=8))
     runner.train()
     losses = runner.message_hub.get_scalar("train/loss").data[0]
     assert len(losses) == 8
     assert losses[-2:].mean() < losses[:2].mean()
     metrics = runner.val_loop.run()
-    assert 0.0 <= metrics["coco/bbox_mAP"] <= 1.0 and "coco/segm_mAP" in metrics
-    checkpoint = tmp_path / "work" / "iter_8.pth"
+    checkpoint = work / "iter_8.pth"
     assert checkpoint.exists()
     assert os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD") is None
-    torch.load(checkpoint, weights_only=True)  # the whole Runner checkpoint, message hub included
+    torch.load(checkpoint, weights_only=True)
 
-    cfg = tiny_cfg(tmp_path / "data", tmp_path / "work", max_iters=10)
+    cfg = make_cfg(data, work, max_iters=10)
     cfg.resume = True
     resumed = Runner.from_cfg(cfg)
     resumed.train()
@@ -106,6 +103,16 @@ def test_runner_trains_evaluates_and_resumes(tmp_path, monkeypatch):
     history = resumed.message_hub.get_scalar("train/loss").data[0]
     np.testing.assert_allclose(history[:8], losses)  # the smoothed logs came back with the checkpoint
     assert len(history) == 10
+    return metrics
+
+
+# about 3.5 minutes on 2 shared cores (Mask R-CNN, 10 iterations, COCO evaluation)
+@pytest.mark.slow
+def test_runner_trains_evaluates_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
+    write_shapes_coco(tmp_path / "data")
+    metrics = train_evaluate_resume(tiny_cfg, tmp_path / "data", tmp_path / "work")
+    assert 0.0 <= metrics["coco/bbox_mAP"] <= 1.0 and "coco/segm_mAP" in metrics
 
 
 def write_shapes_ade(root: Path, n: int = 4, size: int = 64) -> None:
@@ -163,22 +170,5 @@ def tiny_seg_cfg(root: Path, work_dir: Path, max_iters: int) -> Config:
 def test_seg_runner_trains_evaluates_and_resumes(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
     write_shapes_ade(tmp_path / "data")
-    torch.manual_seed(0)
-    runner = Runner.from_cfg(tiny_seg_cfg(tmp_path / "data", tmp_path / "work", max_iters=8))
-    runner.train()
-    losses = runner.message_hub.get_scalar("train/loss").data[0]
-    assert len(losses) == 8
-    assert losses[-2:].mean() < losses[:2].mean()
-    metrics = runner.val_loop.run()
+    metrics = train_evaluate_resume(tiny_seg_cfg, tmp_path / "data", tmp_path / "work")
     assert 0.0 <= metrics["mIoU"] <= 100.0 and "aAcc" in metrics
-    checkpoint = tmp_path / "work" / "iter_8.pth"
-    torch.load(checkpoint, weights_only=True)
-
-    cfg = tiny_seg_cfg(tmp_path / "data", tmp_path / "work", max_iters=10)
-    cfg.resume = True
-    resumed = Runner.from_cfg(cfg)
-    resumed.train()
-    assert resumed.iter == 10
-    history = resumed.message_hub.get_scalar("train/loss").data[0]
-    np.testing.assert_allclose(history[:8], losses)
-    assert len(history) == 10
