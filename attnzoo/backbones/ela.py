@@ -7,22 +7,36 @@ https://arxiv.org/abs/2403.01123), in timm's ResNets and MobileNetV2.
 
 Unlike Coordinate Attention, from which it is derived, ELA keeps all C channels (no reduction), uses a 1-D
 convolution along each strip instead of 1×1 convs, and GroupNorm instead of BatchNorm. Its four versions
-differ only in the conv kernel, the conv groups and the GN groups (the paper's version table):
+differ only in the conv kernel, the conv groups and the GN groups (as public implementations give them):
 
     ELA-T  k=5  depthwise (C groups)   GN 32 groups        ELA-S  k=5  C/8 groups   GN 16 groups
     ELA-B  k=7  depthwise (C groups)   GN 16 groups        ELA-L  k=7  C/8 groups   GN 16 groups
 
-The authors published no code; these constants are the paper's table as reproduced, identically, by the
-plug-in implementations in public code (see ``shared/reference/backbones.md``). timm's ``EfficientLocalAttn``
-is a different module (separate k×1 / 1×k Conv2d per axis, one-group norms, an extra SiLU).
+The paper's text past its abstract was not reachable (only the abstract of https://arxiv.org/html/2403.01123v1
+is stored in the reference corpus), so each fact below names its source:
 
-Placement, as for SE and Coordinate Attention, whose protocol the paper follows:
-    ResNet        on the residual branch, after the last conv + BN, before the addition (timm's
-                  ``attn_layer`` slot of ``BasicBlock`` / ``Bottleneck``), in every block.
-    MobileNetV2   in every inverted residual (and the first depthwise-separable block), after the 3×3
-                  depthwise conv + BN + ReLU6, before the 1×1 projection (timm's ``se_layer`` slot), i.e. on
-                  the expanded channels.
-ELA-T cannot sit in MobileNetV2: its 144-channel expansions do not split into 32 GN groups.
+    Versions      the table above is the plug-in implementations' one in public code, identical across many
+                  copies (see ``shared/reference/backbones.md`` §8), not read in the paper. The abstract says only
+                  "We carefully design three hyperparameters in ELA, resulting in four different versions".
+                  timm's ``EfficientLocalAttn`` is a different module (separate k×1 / 1×k Conv2d per axis,
+                  one-group norms, an extra SiLU).
+    ResNet        on the residual branch after the last conv + BN, before the addition (timm's ``attn_layer``
+                  slot of ``BasicBlock`` / ``Bottleneck``), in every block: our reading, as SE and Coordinate
+                  Attention are placed. For ResNet18 the paper's count agrees: "ELA-ResNet18 ... 11.71M 1.83G"
+                  (top-1 70.79), as a third party quotes the paper's ImageNet table (``wang-jing-xu/PDDR``
+                  README, "the experimental data of ELA ... are sourced from the original paper"), is
+                  ``ela_b_resnet18`` (11.707M; ELA-T would be 11.703M, ELA-S/L 11.77M/11.80M). Its
+                  "ELA-ResNet50 ... 25.57M 4.14G" (top-1 76.63) we do not reproduce: ELA in every bottleneck,
+                  after bn3 as here, adds 0.106M (ELA-T) to 0.136M (ELA-B) to timm's 25.557M, and after the 3×3
+                  conv on the bottleneck width (where the authors' DeepLab backbone, ``Xuwei86/ELA_Code:
+                  semantic/network/backbone/resnet.py``, puts it) 0.026M to 0.034M; 25.57M allows 0.008-0.018M.
+                  Which version or placement gives it is open.
+    MobileNetV2   in the inverted residuals with an expansion (not the first, t = 1, block), after the 3×3
+                  depthwise conv + BN + ReLU6, before the 1×1 projection (timm's ``se_layer`` slot), i.e. on the
+                  expanded channels: the ImageNet model file ``MbV2/models/mbv2_ela72.py`` of
+                  ``Xuwei86/ELA_Code`` ("Engineering projects related to ELA's attention", apparently the first
+                  author's; that file fixes the module to k=7, C/8 conv groups, GN 16 groups). ELA-T cannot sit
+                  there: its 144-channel expansions do not split into 32 GN groups.
 
 The strip pooling and the final double gate are memory-bound passes over the map and run through
 :func:`attnzoo.kernels.ela_pool` and :func:`attnzoo.kernels.ela_gate` (fused Triton kernels on CUDA).
@@ -124,7 +138,7 @@ class ElaResNet(CheckedInput, ResNet):
 
 
 class ElaMobileNetV2(CheckedInput, EfficientNet):
-    """timm's ``EfficientNet`` built from MobileNetV2's table with ELA in every block."""
+    """timm's ``EfficientNet`` built from MobileNetV2's table with ELA in every inverted residual."""
 
     def __init__(self, *args, name: str = "ElaMobileNetV2", **kwargs):
         super().__init__(*args, **kwargs)
@@ -144,10 +158,10 @@ _RESNETS = {  # depth → (block, blocks per stage), He et al. 2016, Table 1
     50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3)),
 }
 
-# MobileNetV2 (Sandler et al. 2018, Table 2) in timm's block notation, every block with an attention slot
-# ("se" marks the slot; the ratio is unused by ELA)
+# MobileNetV2 (Sandler et al. 2018, Table 2) in timm's block notation, every expanding block with an attention
+# slot ("se" marks the slot; the ratio is unused by ELA), the first (t = 1) block without, as the authors' code
 _MOBILENETV2 = [
-    ["ds_r1_k3_s1_c16_se1"],
+    ["ds_r1_k3_s1_c16"],
     ["ir_r2_k3_s2_e6_c24_se1"],
     ["ir_r3_k3_s2_e6_c32_se1"],
     ["ir_r4_k3_s2_e6_c64_se1"],
@@ -200,4 +214,5 @@ def _register(name: str, create, where: str) -> None:
 for _name in _RESNET_NAMES:
     _register(_name, _create_resnet, "in every residual block, after the last conv + BN, before the addition")
 for _name in _MOBILENET_NAMES:
-    _register(_name, _create_mobilenetv2, "in every block, after the depthwise conv, before the projection")
+    _register(_name, _create_mobilenetv2, "in every inverted residual (not the first, t=1, block), after the "
+              "depthwise conv, before the projection")

@@ -19,13 +19,31 @@ same decay in TensorFlow's convention) and the global ``torch.set_default_tensor
 at import. The softmax and ``x · a + x`` run through :func:`attnzoo.kernels.subspace_attention` (a fused
 Triton kernel on CUDA).
 
-Placement: ULSAM is a layer of its own between two blocks of the backbone. The paper's per-network positions
-and subspace counts (its ImageNet tables) could not be retrieved when this was written (no copy of the paper
-text was reachable; the authors' repository holds only the module), so the models below insert one ULSAM at
-the end of a chosen stage with a chosen g, given explicitly in each model's ``ulsam`` argument and docstring,
-and any placement can be passed as ``ulsam={stage: g, ...}``. Everything else is timm's: the EfficientNet
-builder and blocks, MobileNetV1's and V2's block tables, the head and the model surface; with ULSAM taken out
-the state_dict is timm's ``mobilenetv1_100`` / ``mobilenetv2_100``. No weights exist, so no pretrained tags.
+Placement. The paper's PDF text was not reachable; its tables are in the authors' WACV slides and poster
+(``Nandan91/ULSAM``: ``ULSAM_Slides_WACV2020.pdf`` slides 7–9, ``ULSAM_Poster_WACV2020.pdf`` "Results on
+ImageNet 1K", "Fine-grained classification", "Ablation study on ImageNet 1K"). Their rows are of two kinds:
+ULSAM added to the network ("1.0 MV1 + ULSAM 4.2M 569.2M", "MV2 + ULSAM 3.4M 300.01M") and ULSAM in place of
+layers, which is where the abstract's "≈13% and ≈25% reduction in both the FLOPs and parameter counts of
+MobileNet-V2" comes from. The slides do not name the replaced layers, but the counts do, block for block:
+
+    MobileNetV1  "MV1 + ULSAM (g = 4) 3.9M 517M" (vanilla 4.2M 569M; ImageNet top-1 70.43 vs 70.65, and the
+                 layout of its fine-grained table): −52M MACs is one 14×14×512 depthwise-separable layer
+                 (dw 3×3 + pw 512→512 at 14×14 = 52.3M MACs, 0.27M params).
+    MobileNetV2  (vanilla 3.4M 300M) −22.69M MACs per 14×14×96 bottleneck, −15.48M per 7×7×160 one, −10.31M
+                 per 14×14×64 one. ImageNet ablation "MV2 + ULSAM (g = 4) 2.96M 261.88M 71.52" (the abstract's
+                 ≈13 % and +0.27 %): one 96 and one 160 bottleneck replaced. "2.77M 269.07M": two 160.
+                 "2.54M 223.77M" (≈25 %): two 96 and two 160. The fine-grained (Birds) table also has one 96
+                 (277.34M), one 160 (284.54M), one 96 and one 64 (267.06M); its "2.54M 224.16M" row is 0.39M
+                 off the ablation's 223.77M, unexplained.
+
+Our FLOPs for these configurations are the paper's plus one constant (timm's MobileNetV2 has 300.77M MACs,
+the paper prints 300M), to the printed 0.01M; its parameter counts are ~0.1M below timm's throughout (vanilla
+3.4M vs 3.50M), the reductions agree (see ``tests/backbones/test_ulsam.py``). Which of the equal,
+shape-keeping blocks of a stage is replaced (MobileNetV1 has five 14×14×512 layers, MobileNetV2 two 96 and
+two 160 bottlenecks with a skip) the tables do not say: the models below replace the last one of the stage,
+our reading. Any placement can be given as ``ulsam={(stage, block): g}``, replacing those blocks, or with
+``replace=False`` adding a ULSAM after each. Everything else is timm's: the EfficientNet builder and blocks,
+MobileNetV1's and V2's block tables, the head and the model surface. No weights exist, so no pretrained tags.
 """
 from __future__ import annotations
 
@@ -67,24 +85,41 @@ class ULSAM(nn.Module):
 
 
 class UlsamMobileNet(CheckedInput, EfficientNet):
-    """timm's ``EfficientNet`` (here MobileNetV1 or V2) with a ULSAM appended to some stages.
+    """timm's ``EfficientNet`` (here MobileNetV1 or V2) with ULSAMs in place of, or after, some blocks.
 
     Args:
-        ulsam: {stage index in ``blocks``: number of subspaces g}; each listed stage ends with a ULSAM on its
-            output channels. The stages keep timm's module names, so features_only taps the attended maps.
+        ulsam: {(stage, block): number of subspaces g}, indices into ``blocks``.
+        replace: True: each listed block is replaced by a ULSAM on its channels (the block must keep its input's
+            shape: stride 1, as many channels out as in). False: a ULSAM is added after each listed block.
         name: the model name, for error messages.
+
+    The stages keep timm's module names, so features_only taps the same points.
     """
 
-    def __init__(self, *args, ulsam: dict[int, int], name: str = "UlsamMobileNet", device=None, dtype=None,
-                 **kwargs):
+    def __init__(self, *args, ulsam: dict[tuple[int, int], int], replace: bool = True, name: str = "UlsamMobileNet",
+                 device=None, dtype=None, **kwargs):
         super().__init__(*args, device=device, dtype=dtype, **kwargs)
         self.name = name
-        for stage, groups in ulsam.items():
-            if not 0 <= stage < len(self.blocks):
-                raise ValueError(f"{name}: `ulsam` stage {stage} does not exist; stages are 0 … "
-                                 f"{len(self.blocks) - 1}")
-            channels = self.blocks[stage][-1].feature_info("bottleneck")["num_chs"]  # the block output
-            self.blocks[stage].append(ULSAM(channels, groups, device=device, dtype=dtype))
+        for stage, block in ulsam:  # validate everything before changing anything
+            if not 0 <= stage < len(self.blocks) or not 0 <= block < len(self.blocks[stage]):
+                raise ValueError(f"{name}: `ulsam` block ({stage}, {block}) does not exist; the stages have "
+                                 f"{[len(s) for s in self.blocks]} blocks")
+            if replace and not _keeps_shape(self.blocks[stage][block]):
+                raise ValueError(f"{name}: `ulsam` block ({stage}, {block}) changes its input's shape, so a "
+                                 "ULSAM cannot replace it (pass replace=False to add one after it)")
+        for (stage, block), groups in sorted(ulsam.items(), reverse=True):  # later blocks first: indices hold
+            channels = self.blocks[stage][block].feature_info("bottleneck")["num_chs"]  # the block output
+            attn = ULSAM(channels, groups, device=device, dtype=dtype)
+            if replace:
+                self.blocks[stage][block] = attn
+            else:
+                self.blocks[stage].insert(block + 1, attn)
+
+
+def _keeps_shape(block: nn.Module) -> bool:
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    out_chs = block.feature_info("bottleneck")["num_chs"]
+    return convs[0].in_channels == out_chs and all(c.stride == (1, 1) for c in convs)
 
 
 # MobileNetV1 (Howard et al. 2017, Table 1) and MobileNetV2 (Sandler et al. 2018, Table 2) in timm's block
@@ -96,7 +131,7 @@ _MOBILENETV2 = [["ds_r1_k3_s1_c16"], ["ir_r2_k3_s2_e6_c24"], ["ir_r3_k3_s2_e6_c3
 _ARCHS = {"mobilenetv1": (_MOBILENETV1, 0), "mobilenetv2": (_MOBILENETV2, 1280)}  # table, head conv chs
 
 
-def _create(variant: str, pretrained: bool, ulsam: dict[int, int], **kwargs) -> UlsamMobileNet:
+def _create(variant: str, pretrained: bool, ulsam: dict[tuple[int, int], int], **kwargs) -> UlsamMobileNet:
     arch, num_features = _ARCHS[variant.split("_")[1]]
     return build_model_with_cfg(
         UlsamMobileNet, variant, pretrained,
@@ -112,14 +147,16 @@ default_cfgs = generate_default_cfgs({
 
 
 @register_model
-def ulsam_mobilenetv1_100(pretrained: bool = False, ulsam: dict[int, int] | None = None, **kwargs):
-    """MobileNetV1 with ULSAM (g=4) after the six 14×14×512 depthwise-separable layers (stage 3); untrained.
-    The placement is this library's choice, not verified against the paper's table (see the module doc)."""
-    return _create("ulsam_mobilenetv1_100", pretrained, {3: 4} if ulsam is None else ulsam, **kwargs)
+def ulsam_mobilenetv1_100(pretrained: bool = False, ulsam: dict[tuple[int, int], int] | None = None, **kwargs):
+    """MobileNetV1 with a ULSAM (g=4) in place of one 14×14×512 depthwise-separable layer (the last of
+    stage 3), the paper's "MV1 + ULSAM (g = 4) 3.9M 517M"; untrained. Which of the five layers is our reading."""
+    return _create("ulsam_mobilenetv1_100", pretrained, {(3, 5): 4} if ulsam is None else ulsam, **kwargs)
 
 
 @register_model
-def ulsam_mobilenetv2_100(pretrained: bool = False, ulsam: dict[int, int] | None = None, **kwargs):
-    """MobileNetV2 with ULSAM (g=4) after the 14×14×96 bottlenecks (stage 4); untrained. The placement is
-    this library's choice, not verified against the paper's table (see the module doc)."""
-    return _create("ulsam_mobilenetv2_100", pretrained, {4: 4} if ulsam is None else ulsam, **kwargs)
+def ulsam_mobilenetv2_100(pretrained: bool = False, ulsam: dict[tuple[int, int], int] | None = None, **kwargs):
+    """MobileNetV2 with ULSAMs (g=4) in place of one 14×14×96 and one 7×7×160 bottleneck (the last of stages 4
+    and 5), the paper's ImageNet "MV2 + ULSAM (g = 4) 2.96M 261.88M"; untrained. Which blocks of those stages
+    is our reading."""
+    return _create("ulsam_mobilenetv2_100", pretrained, {(4, 2): 4, (5, 2): 4} if ulsam is None else ulsam,
+                   **kwargs)

@@ -103,15 +103,26 @@ def test_resnet_parameters_are_timm_plus_ela(depth):
         assert sum(p.numel() for p in model.parameters()) == want
 
 
+def test_resnet18_count_is_the_papers():
+    """"ELA-ResNet18 ... 11.71M" (the paper's ImageNet table as wang-jing-xu/PDDR's README quotes it): ELA-B,
+    C·7 + 2C in each of the 8 blocks; ELA-T (11.703M) or ELA-S/L (11.77M/11.80M) would not round to it."""
+    counts = {v: sum(p.numel() for p in timm.create_model(f"ela_{v}_resnet18", device="meta").parameters())
+              for v in ELA_VERSIONS}
+    assert round(counts["b"] / 1e6, 2) == 11.71
+    assert [v for v, n in counts.items() if round(n / 1e6, 2) == 11.71] == ["b"]
+
+
 def test_mobilenetv2_parameters_are_timm_plus_ela():
-    """ELA sits on every block's depthwise output: the expanded channels t·c_in (32 in the first block)."""
+    """ELA sits on the depthwise output of every expanding block: the expanded channels t·c_in; the first
+    (t = 1) block has none, as in the authors' MbV2/models/mbv2_ela72.py."""
     plain = sum(p.numel() for p in timm.create_model("mobilenetv2_100", device="meta").parameters())
     mids, c_in = [], 32
     for t, c, n in MOBILENETV2:
         for _ in range(n):
-            mids.append(t * c_in)
+            if t > 1:
+                mids.append(t * c_in)
             c_in = c
-    assert len(mids) == 17
+    assert len(mids) == 16
     for version in ("b", "s", "l"):
         model = timm.create_model(f"ela_{version}_mobilenetv2_100", device="meta")
         assert sum(p.numel() for p in model.parameters()) == plain + sum(ela_params(c, version) for c in mids)
@@ -133,7 +144,7 @@ def test_backbone_is_timms_with_ela_added(name, base):
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     ours, theirs = timm.create_model(name).eval(), timm.create_model(base).eval()
     n_ela = sum(isinstance(m, EfficientLocalAttention) for m in ours.modules())
-    assert n_ela == (17 if "mobilenet" in name else sum(RESNETS[int(base[6:])][2]))
+    assert n_ela == (16 if "mobilenet" in name else sum(RESNETS[int(base[6:])][2]))
     state = strip_ela(ours)
     assert state.keys() == theirs.state_dict().keys()
     theirs.load_state_dict(state, strict=True)
@@ -142,7 +153,8 @@ def test_backbone_is_timms_with_ela_added(name, base):
 
 
 def test_ela_sits_where_the_docstring_says():
-    """ResNet: on the block output before the addition; MobileNetV2: between depthwise conv and projection."""
+    """ResNet: on the block output before the addition; MobileNetV2: between depthwise conv and projection of
+    the inverted residuals, none in the first (t = 1) block."""
     resnet = timm.create_model("ela_b_resnet18").eval()
     block = resnet.layer2[0]
     assert isinstance(block.se, EfficientLocalAttention) and block.se.conv.in_channels == block.bn2.num_features
@@ -154,6 +166,7 @@ def test_ela_sits_where_the_docstring_says():
     mnv2 = timm.create_model("ela_b_mobilenetv2_100").eval()
     ir = mnv2.blocks[2][1]
     assert isinstance(ir.se, EfficientLocalAttention) and ir.se.conv.in_channels == ir.conv_dw.out_channels
+    assert isinstance(mnv2.blocks[0][0].se, torch.nn.Identity)
 
 
 def tiny_resnet(version: str = "b") -> ElaResNet:
