@@ -58,8 +58,9 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.resnet import _cfg as _resnet_cfg
 
 from ..kernels import ela_gate, ela_pool
+from ._common import CheckedInput
 
-__all__ = ["EfficientLocalAttention", "ElaResNet", "ElaMobileNetV2", "ELA_VERSIONS", "CheckedInput", "check_image"]
+__all__ = ["EfficientLocalAttention", "ElaResNet", "ElaMobileNetV2", "ELA_VERSIONS"]
 
 # version → (conv kernel size, channels per conv group, GroupNorm groups)
 ELA_VERSIONS = {"t": (5, 1, 32), "b": (7, 1, 16), "s": (5, 8, 16), "l": (7, 8, 16)}
@@ -102,31 +103,6 @@ class EfficientLocalAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_h, x_w = ela_pool(x)
         return ela_gate(x, self.gate(x_h), self.gate(x_w))
-
-
-def check_image(model: str, x: torch.Tensor, in_chans: int) -> None:
-    """A clear error for input a CNN cannot take: it wants a floating [B, in_chans, H, W] batch."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != in_chans:
-        shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{model}: the input `x` must be a [B, {in_chans}, H, W] image batch, got {shape}")
-    if not x.is_floating_point():
-        raise ValueError(f"{model}: the input `x` must be a floating-point tensor, got {x.dtype}")
-
-
-class CheckedInput:
-    """Mixin for timm CNNs (which keep ``in_chans``): a clear error naming the model for input it cannot take,
-    before the first conv."""
-
-    name: str
-    in_chans: int
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(self.name, x, self.in_chans)
-        return super().forward_features(x)
-
-    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
-        check_image(self.name, x, self.in_chans)
-        return super().forward_intermediates(x, *args, **kwargs)
 
 
 class ElaResNet(CheckedInput, ResNet):

@@ -58,7 +58,7 @@ from timm.models.efficientnet import EfficientNet
 from timm.models.efficientnet import _cfg as _effnet_cfg
 
 from ..kernels import subspace_attention
-from .ela import CheckedInput
+from ._common import CheckedInput
 
 __all__ = ["ULSAM", "UlsamMobileNet"]
 

@@ -245,10 +245,10 @@ def test_features_only(name, channels, reductions):
 
 def test_bad_input_names_model_and_argument():
     model = timm.create_model("ela_b_resnet18").eval()
-    with pytest.raises(ValueError, match=r"ela_b_resnet18: the input `x` must be a \[B, 3, H, W\] image batch, "
-                                         r"got \[1, 1, 32, 32\]"):
+    with pytest.raises(ValueError, match=r"ela_b_resnet18: input `x` must be an image batch \[B, 3, H, W\] "
+                                         r"\(in_chans=3\), got \[1, 1, 32, 32\]"):
         model(torch.randn(1, 1, 32, 32))
-    with pytest.raises(ValueError, match=r"ela_b_mobilenetv2_100: the input `x` must be a floating-point"):
+    with pytest.raises(ValueError, match=r"ela_b_mobilenetv2_100: input `x` must be a floating-point"):
         timm.create_model("ela_b_mobilenetv2_100")(torch.ones(1, 3, 32, 32, dtype=torch.long))
 
 

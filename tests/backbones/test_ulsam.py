@@ -241,7 +241,7 @@ def test_model_surface_and_features():
 
 
 def test_bad_arguments_name_model_and_argument():
-    with pytest.raises(ValueError, match=r"ulsam_mobilenetv1_100: the input `x` must be a \[B, 3, H, W\]"):
+    with pytest.raises(ValueError, match=r"ulsam_mobilenetv1_100: input `x` must be an image batch \[B, 3, H, W\]"):
         timm.create_model("ulsam_mobilenetv1_100")(torch.randn(3, 32, 32))
     with pytest.raises(ValueError, match=r"ulsam_mobilenetv2_100: `ulsam` block \(9, 0\) does not exist; the "
                                          r"stages have \[1, 2, 3, 4, 3, 3, 1\] blocks"):
