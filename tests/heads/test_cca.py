@@ -30,14 +30,6 @@ from ..tools.conftest import load_tool
 TINY_VIT = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_cca(num_attributes: int = 2) -> ConditionalCrossAttention:
     return ConditionalCrossAttention("vit_tiny_patch16_224", num_attributes, embed_dim=16, num_heads=2,
                                      backbone_kwargs=dict(img_size=SIZE, **TINY_VIT))

@@ -30,14 +30,6 @@ from attnzoo.kernels import trace, use_backend
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _dcal(num_classes: int = 4, seed: int = 0, **kwargs) -> DCAL:
     torch.manual_seed(seed)
     return DCAL(timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, **TINY_VIT), **kwargs)

@@ -30,14 +30,6 @@ SMALL = dict(d_model=32, nhead=2, num_encoder_layers=1, num_decoder_layers=1, di
 CROP = 29  # the smallest crop the paper's CNN takes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(rows: int = 2, cols: int = 3, **kw) -> OAT:
     torch.manual_seed(0)
     return OAT(rows, cols, crop_size=(CROP, CROP), **{**SMALL, **kw}).eval()
