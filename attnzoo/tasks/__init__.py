@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from ..hub import InputError
 
-__all__ = ["TASKS", "Task", "batch_size", "create_model", "get_task", "to_device"]
+__all__ = ["TASKS", "Task", "batch_size", "create_model", "data_config", "get_task", "to_device"]
 
 # name -> "module:Class", imported on first use so a task's optional dependencies load only when it runs
 TASKS: dict[str, str] = {
@@ -120,3 +120,13 @@ def create_model(args: argparse.Namespace, **kwargs) -> nn.Module:
         return timm.create_model(name, pretrained=args.pretrained or bool(args.pretrained_file), **kwargs)
     except TypeError as e:
         raise InputError(f"model {name!r} does not take the arguments {kwargs}: {e}") from None
+
+
+def data_config(args: argparse.Namespace, model: nn.Module) -> dict:
+    """timm's data config of ``model`` (input size, interpolation, mean, std, crop), at ``--img-size`` when given."""
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config(model=model)
+    if args.img_size:
+        config["input_size"] = (3, args.img_size, args.img_size)
+    return config

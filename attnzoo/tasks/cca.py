@@ -14,12 +14,12 @@ import argparse
 from pathlib import Path
 
 import torch
-from timm.data import create_transform, resolve_data_config
+from timm.data import create_transform
 
 from ..data.asen import ZAPPOS_CONDITIONS, AttributeImages, AttributeTriplets, ZapposTriplets, read_attributes
 from ..heads.cca import ConditionalCrossAttention, attribute_map, triplet_accuracy, triplet_ranking_loss
 from ..hub import InputError
-from . import Task, create_model
+from . import Task, create_model, data_config
 
 ASEN_DATASETS = ("FashionAI", "DARN", "DeepFashion")
 ZAPPOS = "Zappos50K"
@@ -64,9 +64,7 @@ class CCATask(Task):
             val_set = AttributeImages(folder, attributes, args.cca_eval_split)
         backbone = create_model(args, num_classes=0)
         model = ConditionalCrossAttention(backbone, len(self.attribute_names), args.cca_embed_dim, args.cca_heads)
-        self.data_config = resolve_data_config(model=backbone)
-        if args.img_size:
-            self.data_config["input_size"] = (3, args.img_size, args.img_size)
+        self.data_config = data_config(args, backbone)
         train_set.transform = val_set.transform = create_transform(**self.data_config, is_training=False)
         return model, train_set, val_set
 

@@ -6,13 +6,13 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from timm.data import Mixup, create_transform, resolve_data_config
+from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import accuracy
 
 from ..data import class_names, image_folder
 from ..hub import InputError
-from . import Task, create_model
+from . import Task, create_model, data_config
 
 
 class ClassificationTask(Task):
@@ -37,9 +37,7 @@ class ClassificationTask(Task):
             run.log(f"skipped {len(skipped) + len(val_skipped)} unreadable image(s), e.g. {(skipped + val_skipped)[0]}")
         self.classes = class_names(train_set)
         model = create_model(args, num_classes=len(self.classes))
-        self.data_config = resolve_data_config(model=model)
-        if args.img_size:
-            self.data_config["input_size"] = (3, args.img_size, args.img_size)
+        self.data_config = data_config(args, model)
         train_set.transform = create_transform(
             self.data_config["input_size"], is_training=True, auto_augment=args.aa or None, re_prob=args.reprob,
             scale=tuple(args.scale), interpolation=self.data_config["interpolation"], mean=self.data_config["mean"],
