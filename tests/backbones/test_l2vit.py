@@ -101,10 +101,8 @@ def test_a_best_file_gives_the_plain_weights_a_best_ema_file_the_ema(tmp_path, m
     # through convert.py: the release file as their script saves it (with its pickled Namespace) -> the EMA
     convert = load_tool("convert")
     weights = _authors_state_dict("l2vit_tiny", seed=3)
-    path = tmp_path / "L2ViT-Tiny-checkpoint-best-ema.pth"
-    torch.save({"model": {k: torch.zeros_like(v) for k, v in weights.items()}, "model_ema": weights,
-                "args": argparse.Namespace(model="L2ViT_Tiny")}, path)
-    hub = tmp_path / "hub"
+    path = _release_file(tmp_path, monkeypatch, "l2vit_tiny.in1k", weights)  # L2ViT-Tiny-checkpoint-best-ema.pth
+    hub = tmp_path / "converted"
     assert convert.main(["l2vit_tiny", str(path), "--out", str(hub)]) == 0
     converted = load_file(hub / "model.safetensors")
     torch.testing.assert_close(converted["head.fc.weight"], weights["head.weight"])
