@@ -1,11 +1,73 @@
-"""Triton helpers shared by the fused kernels."""
+"""Triton helpers shared by the fused kernels: the GPU target a launch is configured for, the fp32-exact dot,
+the input check, and constants.
+
+The launch configuration of every kernel (block sizes, warps, the number of programs) is one function of the
+shapes, the dtype and the :class:`Target`. On a GPU the target is that GPU; on the CPU (Triton's interpreter, or
+a shape capture on the meta device) it is :data:`SM90` unless :func:`use_target` says otherwise, so the CPU tests
+run exactly the configurations an H100 would launch.
+"""
 from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
 from .dispatch import interpreting
+
+LOG2E = 1.4426950408889634  # log2(e): the kernels work in base 2 (exp2), as FlashAttention's do
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a launch configuration depends on: the compute capability (80 = A100, 90 = H100), the number of
+    SMs (to size grids that must fill the GPU) and the shared memory one program may use, in bytes."""
+
+    arch: int
+    num_sms: int
+    max_shared: int
+
+    @property
+    def name(self) -> str:
+        return f"sm_{self.arch}a" if self.arch >= 90 else f"sm_{self.arch}"
+
+
+SM80 = Target(arch=80, num_sms=108, max_shared=166_912)   # A100: 163 KiB of opt-in shared memory per block
+SM90 = Target(arch=90, num_sms=132, max_shared=232_448)   # H100 SXM: 227 KiB
+TARGETS = (SM80, SM90)
+
+_forced_target: Target | None = None
+
+
+@contextlib.contextmanager
+def use_target(target: Target) -> Iterator[None]:
+    """Configure every launch inside the block for ``target`` (tests and the ahead-of-time compile check)."""
+    global _forced_target
+    previous, _forced_target = _forced_target, target
+    try:
+        yield
+    finally:
+        _forced_target = previous
+
+
+@functools.cache
+def _cuda_target(device_index: int) -> Target:
+    props = torch.cuda.get_device_properties(device_index)
+    shared = getattr(props, "shared_memory_per_block_optin", SM90.max_shared)
+    return Target(arch=props.major * 10 + props.minor, num_sms=props.multi_processor_count, max_shared=shared)
+
+
+def target_of(t: torch.Tensor) -> Target:
+    """The target a launch on tensor ``t`` is configured for: the forced one, else ``t``'s GPU, else SM90."""
+    if _forced_target is not None:
+        return _forced_target
+    if t.is_cuda:
+        return _cuda_target(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return SM90
 
 
 def unsupported_input(t: torch.Tensor, name: str, limit: int, what: str, symbol: str) -> str | None:
