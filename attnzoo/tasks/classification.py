@@ -15,6 +15,14 @@ from ..hub import InputError
 from . import Task, create_model, data_config
 
 
+def train_transform(args: argparse.Namespace, config: dict):
+    """timm's training transform for the augmentation flags in ``args`` at the model's data ``config``."""
+    return create_transform(
+        config["input_size"], is_training=True, auto_augment=args.aa or None, re_prob=args.reprob,
+        scale=tuple(args.scale), interpolation=config["interpolation"], mean=config["mean"], std=config["std"],
+    )
+
+
 class ClassificationTask(Task):
     name = "classification"
     metric = "top1"
@@ -38,11 +46,7 @@ class ClassificationTask(Task):
         self.classes = class_names(train_set)
         model = create_model(args, num_classes=len(self.classes))
         self.data_config = data_config(args, model)
-        train_set.transform = create_transform(
-            self.data_config["input_size"], is_training=True, auto_augment=args.aa or None, re_prob=args.reprob,
-            scale=tuple(args.scale), interpolation=self.data_config["interpolation"], mean=self.data_config["mean"],
-            std=self.data_config["std"],
-        )
+        train_set.transform = train_transform(args, self.data_config)
         val_set.transform = create_transform(**self.data_config, is_training=False)
         self.mixup = None
         if args.mixup or args.cutmix:
