@@ -12,8 +12,14 @@ the image (:func:`attnzoo.kernels.channel_attention`), so every channel sees the
 Everything that is not attention is timm's (``timm.models.davit``): the stem, downsampling, position encoding,
 head, checkpoint converter, configs and the model surface (``forward_intermediates``, ``reset_classifier``,
 ``features_only``, ...). The model names, pretrained tags and state_dict are timm's too, so timm's published
-weights load unchanged. Unlike timm, the padding up to the window is masked out of the keys rather than
-attended to as zero tokens; a size that already tiles takes exactly timm's computation.
+weights load unchanged.
+
+Window padding. A size the 7×7 windows do not tile is padded as timm and the authors pad it: the normed tokens
+are zero-padded before the qkv projection and the padded tokens are attended to (their keys and values are the
+qkv bias), which is what every published DaViT and L²ViT checkpoint, detection and segmentation included, was
+trained with. ``window_padding="masked"`` instead pads q, k, v after the projection and masks the padded keys out,
+so a real token's output does not depend on the padding at all. Both are exactly timm's computation at a size
+that tiles.
 """
 from __future__ import annotations
 
@@ -33,33 +39,49 @@ from ..kernels import channel_attention, window_attention
 from ._common import check_image_batch
 from ._windows import pad_to_multiple, padding_key_mask
 
-__all__ = ["DaVit", "WindowAttention", "ChannelAttention", "DaVitBlock"]
+__all__ = ["DaVit", "WindowAttention", "ChannelAttention", "DaVitBlock", "WINDOW_PADDING"]
+
+
+WINDOW_PADDING = ("zeros", "masked")
+
+
+def check_window_padding(model: str, window_padding: str) -> str:
+    if window_padding not in WINDOW_PADDING:
+        raise ValueError(f"{model}: `window_padding` takes {' or '.join(map(repr, WINDOW_PADDING))}, got "
+                         f"{window_padding!r}")
+    return window_padding
 
 
 class WindowAttention(nn.Module):
     """Multi-head self-attention within non-overlapping windows of an NHWC map (no shift, no position bias).
 
-    Any size: q, k, v are zero-padded up to a multiple of the window and the padded keys masked out, so a real
-    token's output does not depend on the padding.
+    Any size, padded up to a multiple of the window at the bottom and right. ``padding="zeros"`` (timm's and the
+    authors'): the input tokens are zero-padded before the qkv projection and attended to. ``padding="masked"``:
+    q, k, v are zero-padded after it and the padded keys masked out, so a real token's output does not depend
+    on the padding.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int = 7, qkv_bias: bool = True, device=None,
-                 dtype=None):
+    def __init__(self, dim: int, num_heads: int, window_size: int = 7, qkv_bias: bool = True,
+                 padding: str = "zeros", device=None, dtype=None):
         super().__init__()
         self.num_heads = num_heads
         self.window_size = to_2tuple(window_size)
+        self.padding = check_window_padding("WindowAttention", padding)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, device=device, dtype=dtype)
         self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         ws = self.window_size
-        qkv = pad_to_multiple(self.qkv(x), ws)
+        if self.padding == "masked":
+            qkv = pad_to_multiple(self.qkv(x), ws)
+            mask = padding_key_mask((H, W), qkv.shape[1:3], ws, window_partition, x.device)
+        else:
+            qkv, mask = self.qkv(pad_to_multiple(x, ws)), None
         padded_hw = qkv.shape[1:3]
         windows = window_partition(qkv, ws)  # [B·windows, wh, ww, 3C], windows image-major
         q, k, v = windows.reshape(-1, ws[0] * ws[1], 3, self.num_heads, C // self.num_heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B·windows, heads, N, hd]
-        mask = padding_key_mask((H, W), padded_hw, ws, window_partition, x.device)
         x = window_attention(q, k, v, mask=mask)  # default scale hd^-0.5, as timm
         x = window_reverse(x.transpose(1, 2).reshape(-1, *ws, C), ws, padded_hw)
         return self.proj(x[:, :H, :W])
@@ -135,7 +157,8 @@ class DaVit(timm_davit.DaVit):
 
     timm's constructor builds everything that is not attention (stem, the stages' downsampling, head,
     ``feature_info``) with empty stages; the blocks are then built here into each ``stages[i].blocks``, so the
-    module tree and state_dict are timm's. Takes timm's ``DaVit`` arguments.
+    module tree and state_dict are timm's. Takes timm's ``DaVit`` arguments, and ``window_padding``
+    ("zeros", timm's, or "masked"; see the module docstring).
     """
 
     def __init__(
@@ -153,6 +176,7 @@ class DaVit(timm_davit.DaVit):
         cpe_act: bool = False,
         channel_attn_v2: bool = False,
         named_blocks: bool = False,
+        window_padding: str = "zeros",
         drop_path_rate: float = 0.0,
         device=None,
         dtype=None,
@@ -168,6 +192,7 @@ class DaVit(timm_davit.DaVit):
         for attn_type in attn_types:
             if attn_type not in ("spatial", "channel"):
                 raise ValueError(f"DaVit: `attn_types` takes 'spatial' and 'channel', got {attn_type!r}")
+        check_window_padding("DaVit", window_padding)
         dd = dict(device=device, dtype=dtype)
         super().__init__(depths=(0,) * len(depths), embed_dims=embed_dims, num_heads=num_heads,
                          norm_eps=norm_eps, **dd, **kwargs)
@@ -175,7 +200,7 @@ class DaVit(timm_davit.DaVit):
 
         def half(attn_type: str, dim: int, heads: int, drop_path: float) -> tuple[str, DaVitBlock]:
             if attn_type == "spatial":
-                attn = WindowAttention(dim, heads, window_size, qkv_bias=qkv_bias, **dd)
+                attn = WindowAttention(dim, heads, window_size, qkv_bias=qkv_bias, padding=window_padding, **dd)
             else:
                 attn = ChannelAttention(dim, heads, qkv_bias=qkv_bias, v2=channel_attn_v2, **dd)
             block = DaVitBlock(dim, attn, mlp_ratio, drop_path, norm_layer, ffn=ffn, cpe_act=cpe_act, **dd)

@@ -18,8 +18,9 @@ per-head temperature τ (initialised to hd^-0.5):
 dwconv7×7: it gives back the local detail that linear attention's global average blurs.
 
 Any input size: the stem and downsampling pad to even sizes as the authors' code does, and the windows are
-padded with the padded keys masked out (the authors attend to the zero padding; a size that tiles, such as 224
-and 384, computes exactly the same).
+padded as the authors pad them (zero tokens before the qkv projection, attended to), which their detection and
+segmentation checkpoints were trained with; ``window_padding="masked"`` masks the padded keys out instead (see
+:mod:`attnzoo.backbones.davit`). A size that tiles, such as 224 and 384, computes the same either way.
 """
 from __future__ import annotations
 
@@ -36,7 +37,11 @@ from timm.models.davit import ConvPosEnc
 from ..kernels import linear_attention
 from ._common import check_image_batch
 from ._pretrained import load_authors_checkpoint
-from .davit import DaVitBlock, WindowAttention
+from .davit import DaVitBlock, WindowAttention, check_window_padding
+
+# the eps of the LayerNorm the authors' detection backbone puts on each output (object_detection/.../l2vit.py
+# builds nn.LayerNorm(dim)); read by attnzoo.det.AttnzooBackbone(out_norm=True)
+DET_OUT_NORM_EPS = 1e-5
 
 __all__ = ["L2ViT", "LinearAttention", "LocalConcentration", "LinearGlobalBlock", "checkpoint_filter_fn"]
 
@@ -134,11 +139,12 @@ class L2ViTStage(nn.Module):
     """Downsampling (none in the first stage, after the stem), then LWA and LGA blocks in turn."""
 
     def __init__(self, in_dim: int | None, dim: int, depth: int, num_heads: int, window_size: int,
-                 mlp_ratio: float, drop_path: list[float]):
+                 mlp_ratio: float, drop_path: list[float], window_padding: str = "zeros"):
         super().__init__()
         self.downsample = nn.Identity() if in_dim is None else Downsample(in_dim, dim)
         self.blocks = nn.Sequential(*(
-            DaVitBlock(dim, WindowAttention(dim, num_heads, window_size), mlp_ratio, drop_path[j]) if j % 2 == 0
+            DaVitBlock(dim, WindowAttention(dim, num_heads, window_size, padding=window_padding), mlp_ratio,
+                       drop_path[j]) if j % 2 == 0
             else LinearGlobalBlock(dim, num_heads, mlp_ratio, drop_path[j])
             for j in range(depth)
         ))
@@ -164,8 +170,10 @@ class L2ViT(nn.Module):
         mlp_ratio: float = 4.0,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        window_padding: str = "zeros",
     ):
         super().__init__()
+        check_window_padding("L2ViT", window_padding)
         if not len(depths) == len(dims) == len(num_heads):
             raise ValueError(f"L2ViT: `depths`, `dims` and `num_heads` need one entry per stage, got {len(depths)}, "
                              f"{len(dims)} and {len(num_heads)}")
@@ -181,7 +189,8 @@ class L2ViT(nn.Module):
         self.stem = Stem(in_chans, dims[0])
         dpr = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)
         self.stages = nn.Sequential(*(
-            L2ViTStage(dims[i - 1] if i else None, dims[i], depths[i], num_heads[i], window_size, mlp_ratio, dpr[i])
+            L2ViTStage(dims[i - 1] if i else None, dims[i], depths[i], num_heads[i], window_size, mlp_ratio, dpr[i],
+                       window_padding)
             for i in range(len(depths))
         ))
         self.feature_info = [dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}")

@@ -43,6 +43,10 @@ from ._pretrained import load_authors_checkpoint
 
 __all__ = ["RAVLT", "RalaAttention", "RavltBlock", "checkpoint_filter_fn"]
 
+# the eps of the LayerNorm2d the authors' detection backbone (detection/.../RALA.py, `extra_norms`) puts on each
+# output; read by attnzoo.det.AttnzooBackbone(out_norm=True)
+DET_OUT_NORM_EPS = 1e-6
+
 
 def rope_tables(head_dim: int, size: tuple[int, int], device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [H·W, head_dim] of the authors' 2D RoPE: frequencies 10000^-linspace(0, 1, head_dim/4), each for a

@@ -9,7 +9,9 @@ numbering: for DaViT, L2ViT and RAVLT 0-3 are strides 4-32; for MaxViT, HaloNet 
 stride-2 stem and 1-4 are strides 4-32; for a plain ViT such as Sparsifiner, index i is block i, all at stride 16,
 to be fed to :class:`attnzoo.det.necks.SimpleFPN`). ``out_channels`` and ``out_strides`` give what the neck receives.
 
-``out_norm`` puts a LayerNorm on each output, as the L2ViT and RAVLT authors' detection backbones do (and Swin's);
+``out_norm`` puts a LayerNorm on each output, as the L2ViT and RAVLT authors' detection backbones do (and Swin's),
+with the eps of the family's authors (a family module's ``DET_OUT_NORM_EPS``: L2ViT's ``nn.LayerNorm`` 1e-5,
+RAVLT's ``LayerNorm2d`` 1e-6; 1e-6 for the others);
 ``norm_eval`` keeps every BatchNorm in eval mode while training, as mmdet's ResNet does for the CNN families
 (detection batches of 2 images per GPU are too small for batch statistics).
 
@@ -21,11 +23,16 @@ to be fed to :class:`attnzoo.det.necks.SimpleFPN`). ``out_channels`` and ``out_s
 * a timm pretrained tag of the same architecture: ``timm/davit_tiny.msft_in1k``, ``davit_tiny.msft_in1k``, or
   ``timm`` for the model's default tag.
 
+Model arguments go through to ``timm.create_model``, e.g. ``window_padding='masked'`` for DaViT and L2ViT, whose
+windows are by default padded as timm and the authors pad them (zero tokens attended to, what their detection
+checkpoints were trained with); ``'masked'`` keeps the padding out of the keys.
+
 Weights load in :meth:`init_weights` (which mmengine's Runner calls), so building a config never downloads.
 """
 from __future__ import annotations
 
 import os
+import sys
 
 import timm
 import torch
@@ -84,7 +91,8 @@ class AttnzooBackbone(BaseModule):
         info = self.model.feature_info
         self.out_channels = tuple(info.channels())
         self.out_strides = tuple(info.reduction())
-        self.out_norms = nn.ModuleList(LayerNorm2d(c) for c in self.out_channels) if out_norm else None
+        eps = getattr(sys.modules[timm.models.model_entrypoint(model_name).__module__], "DET_OUT_NORM_EPS", 1e-6)
+        self.out_norms = nn.ModuleList(LayerNorm2d(c, eps=eps) for c in self.out_channels) if out_norm else None
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
         self._frozen = self._frozen_parts(frozen_stages)

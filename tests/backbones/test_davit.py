@@ -103,10 +103,30 @@ def test_pretrained_converts_the_official_msft_layout(offline_hub):
         assert torch.equal(ours.state_dict()[key], value), key
 
 
-def test_padded_keys_get_no_weight():
+@pytest.mark.parametrize("size", [(256, 320), (230, 300)])
+def test_matches_timm_where_the_windows_do_not_tile(size):
+    """timm (and the authors) zero-pad the normed tokens before qkv and attend to them; so does the default."""
+    ref, ours = _pair("davit_tiny")
+    ref_f, ours_f = _pair("davit_tiny", features_only=True)
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), use_backend("torch"):
+        assert (ours(x) - ref(x)).abs().max().item() <= 1e-5
+        for a, b in zip(ours_f(x), ref_f(x), strict=True):
+            assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+        masked = timm.create_model("davit_tiny", window_padding="masked").eval()
+        masked.load_state_dict(ref.state_dict())
+        assert (masked(x) - ref(x)).abs().max().item() > 1e-2  # the option really changes the padding
+
+
+def test_window_padding_names_the_choices():
+    with pytest.raises(ValueError, match=r"DaVit: `window_padding` takes 'zeros' or 'masked', got 'mask'"):
+        timm.create_model("davit_tiny", window_padding="mask")
+
+
+def test_masked_padding_gives_padded_keys_no_weight():
     """On a 9×10 map with 7×7 windows, each window's real tokens attend exactly as if alone."""
     torch.manual_seed(2)
-    attn = WindowAttention(dim=16, num_heads=2, window_size=7).eval()
+    attn = WindowAttention(dim=16, num_heads=2, window_size=7, padding="masked").eval()
     x = torch.randn(2, 9, 10, 16)
     with torch.no_grad(), use_backend("torch"):
         out = attn(x)

@@ -141,6 +141,23 @@ def test_blocks_alternate_local_and_global():
         assert [type(b).__name__ for b in stage.blocks] == ["DaVitBlock", "LinearGlobalBlock"]
 
 
+@pytest.mark.parametrize("window_padding", ["zeros", "masked"])
+def test_local_window_block_pads_as_the_authors(window_padding):
+    """The LWA block is DaViT's spatial block, the authors' and timm's; on a 9×10 map the 7×7 windows are
+    padded with zero tokens before qkv and attended to, as the authors' (and timm's SpatialBlock) do."""
+    from timm.models.davit import SpatialBlock
+
+    model = _small_model(window_padding=window_padding).eval()
+    ours = model.stages[0].blocks[0]
+    dim = TINY["dims"][0]
+    ref = SpatialBlock(dim, TINY["num_heads"][0], window_size=7).eval()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, dim, 9, 10, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), use_backend("torch"):
+        err = (ours(x) - ref(x)).abs().max().item()
+    assert err <= 1e-5 if window_padding == "zeros" else err > 1e-3
+
+
 @pytest.mark.parametrize("size", [(64, 64), (50, 37)])
 def test_any_input_size(size):
     model = _small_model(features_only=True).eval()

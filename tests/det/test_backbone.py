@@ -183,6 +183,31 @@ def test_out_norm_is_a_layer_norm_over_channels_of_each_output():
         torch.testing.assert_close(o, expected)
 
 
+@pytest.mark.parametrize("model_name,eps", [("l2vit_tiny", 1e-5), ("ravlt_t", 1e-6), ("davit_tiny", 1e-6)])
+def test_out_norm_takes_the_authors_eps(model_name, eps):
+    """L2ViT's authors build nn.LayerNorm(dim) (eps 1e-5) on each output, RAVLT's their LayerNorm2d (1e-6)."""
+    backbone = AttnzooBackbone(model_name, out_norm=True)
+    assert [norm.eps for norm in backbone.out_norms] == [eps] * len(backbone.out_norms)
+
+
+def test_window_padding_is_a_backbone_setting():
+    """The default pads DaViT's windows as timm and the authors; window_padding='masked' reaches the model."""
+    from timm.models import davit as timm_davit
+
+    kwargs = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 2, 4))
+    torch.manual_seed(0)
+    ref = timm_davit.davit_tiny(features_only=True, **kwargs).eval()
+    default = AttnzooBackbone("davit_tiny", **kwargs).eval()
+    masked = AttnzooBackbone("davit_tiny", window_padding="masked", **kwargs).eval()
+    default.model.load_state_dict(ref.state_dict())
+    masked.model.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 3, 100, 130)
+    with torch.no_grad():
+        for a, b, m in zip(default(x), ref(x), masked(x), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            assert (m - b).abs().max() > 1e-3
+
+
 def test_simple_fpn_builds_vitdet_pyramid_from_last_map():
     from mmdet.registry import MODELS as DET
     from mmseg.registry import MODELS as SEG
