@@ -16,24 +16,33 @@ code (HKUST-NISL/oat_eccv24):
   earlier run, else a search; its other fixations are refixations). ``behaviour_delta`` is the mean over the five
   statistics of ``|pred - human| / human`` of their dataset means (``Evaluation.evaluation``). Our reading: a
   statistic whose human mean is 0 (the authors' code would divide by zero) is left out of the mean.
-- ``multimatch``: MultiMatch (Jarodzka et al., ETRA 2010; Dewhurst et al., BRM 2012) as ``multimatch_gaze``
-  computes it with simplification off (the authors' default): saccades are the vectors between consecutive
-  fixations; the alignment is the shortest path (Dijkstra) from the first to the last saccade pair through the
-  matrix of saccade-vector differences, moving right, down or diagonally; each similarity is 1 - median difference
-  along the path / normaliser (vector: twice the screen diagonal, direction: pi, length and position: the screen
-  diagonal). Duration is left out (object scanpaths have none). A scanpath needs 3 fixations: the authors pad a
-  shorter one with fixations at pixel (1, 1); our reading repeats its last fixation instead (zero-length saccades).
+- ``multimatch``: MultiMatch (Jarodzka et al., ETRA 2010; Dewhurst et al., BRM 2012) exactly as the authors'
+  ``evaluation/MM`` computes it (their copy of ``multimatch_gaze`` with simplification off): saccades are the vectors
+  between consecutive fixations; the alignment is the cheapest path from the first to the last saccade pair through
+  the matrix of saccade-vector differences, moving right, down or diagonally, found by their Dijkstra; each
+  similarity is 1 - median difference along the path / normaliser (vector: twice the screen diagonal, direction:
+  pi, length and position: the screen diagonal). Duration is left out (object scanpaths have none). Where their code
+  is odd, we follow it, because published tables were computed with it:
+
+  * a scanpath of fewer than 3 fixations is padded with fixations at pixel (1, 1) (their ``np.ones`` array), not
+    with anything derived from the scanpath;
+  * equal-cost alignments are broken by their Dijkstra's order: the unvisited pair with the smallest distance is
+    settled next, the lowest index (row-major over saccade pairs) first, and a pair's predecessor only changes on a
+    strictly shorter distance; scipy's Dijkstra breaks these ties differently (about 1 pair of scanpaths in 10);
+  * coordinates are float32 (their fixation arrays), and the vector and length medians are taken in float32 (the
+    direction is float64; their code gives it in float32 under numpy 2: a difference of at most 2e-7);
+  * the first scanpath is the human one, the second the prediction (the order decides ties).
+
   Object indices become pixels with ``object_centres`` (row-major grid cells, as ``MM/calculate_mm.py``).
 """
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import dijkstra
 
 __all__ = ["BEHAVIOUR_KEYS", "MULTIMATCH_KEYS", "behaviour", "behaviour_delta", "multimatch", "object_centres",
            "scanpath_sim", "sequence_score", "sim"]
@@ -119,51 +128,66 @@ def object_centres(rows: int, cols: int, cell: tuple[float, float], top: float =
     return np.stack([c * cell[0] + cell[0] / 2, top + r * cell[1] + cell[1] / 2], axis=1).astype(np.float64)
 
 
-def _saccades(points: np.ndarray) -> np.ndarray:
-    """(n, 2) fixations -> (n-1, 4) saccades: start x, start y, dx, dy; padded to 3 fixations (see module doc)."""
-    if len(points) < 3:
-        points = np.concatenate([points, np.repeat(points[-1:], 3 - len(points), axis=0)])
-    return np.concatenate([points[:-1], np.diff(points, axis=0)], axis=1)
+def _saccades(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 2) fixations -> the (n-1, 2) saccade start points and (n-1, 2) saccade vectors, in float32; a scanpath of
+    fewer than 3 fixations is padded with fixations at (1, 1), as the authors' ``calculate_mm.multimatch``."""
+    fix = np.ones((max(3, len(points)), 2), dtype=np.float32)
+    fix[: len(points)] = points
+    return fix[:-1], fix[1:] - fix[:-1]
 
 
 def _align(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The (i, j) saccade pairs on the cheapest path through M from (0, 0) to the last cell, moving right, down or
-    diagonally, the cost of a step being M at the cell it enters (Dewhurst et al. 2012, section "Alignment")."""
+    diagonally, the cost of a step being M at the cell it enters (Dewhurst et al. 2012, "Alignment"). Ties go as in
+    the authors' Dijkstra: settle the smallest (distance, row-major index) first; improve only on a strictly
+    shorter distance."""
     n, m = M.shape
-    node = np.arange(n * m).reshape(n, m)
-    src, dst = [], []
-    for di, dj in ((0, 1), (1, 0), (1, 1)):
-        src.append(node[: n - di, : m - dj].ravel())
-        dst.append(node[di:, dj:].ravel())
-    src, dst = np.concatenate(src), np.concatenate(dst)
-    # explicit zero weights are edges for csgraph (identical saccades cost nothing)
-    graph = csr_matrix((M.ravel()[dst], (src, dst)), shape=(n * m, n * m))
-    _, pred = dijkstra(graph, indices=0, return_predecessors=True)
+    dist = np.full(n * m, np.inf)
+    pred = np.full(n * m, -1)
+    done = np.zeros(n * m, dtype=bool)
+    dist[0] = 0.0
+    heap = [(0.0, 0)]
+    while heap:
+        d, node = heapq.heappop(heap)
+        if done[node]:
+            continue
+        done[node] = True
+        i, j = divmod(node, m)
+        for di, dj in ((0, 1), (1, 0), (1, 1)):
+            if i + di < n and j + dj < m and d + M[i + di, j + dj] < dist[(i + di) * m + j + dj]:
+                nxt = (i + di) * m + j + dj
+                dist[nxt], pred[nxt] = d + M[i + di, j + dj], node
+                heapq.heappush(heap, (dist[nxt], nxt))
     path = [n * m - 1]
     while path[-1] != 0:
         path.append(int(pred[path[-1]]))
     return np.divmod(np.array(path[::-1]), m)
 
 
-def multimatch(a: np.ndarray, b: np.ndarray, screen: tuple[float, float]) -> dict[str, float]:
+def multimatch(human: np.ndarray, pred: np.ndarray, screen: tuple[float, float]) -> dict[str, float]:
     """MultiMatch vector, direction, length and position similarities (each in [0, 1], 1 = identical) of two
-    scanpaths given as (n, 2) pixel coordinates, on a ``screen`` = (width, height) in pixels."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    for name, p in (("a", a), ("b", b)):
+    scanpaths given as (n, 2) pixel coordinates, on a ``screen`` = (width, height) in pixels. The order of the
+    scanpaths decides equal-cost alignments: the human one first, as the authors' evaluation."""
+    paths = []
+    for name, p in (("human", human), ("pred", pred)):
+        p = np.asarray(p)
         if p.ndim != 2 or p.shape[1] != 2 or len(p) == 0:
-            raise ValueError(f"multimatch: {name} must be (n >= 1, 2) pixel coordinates, got shape {p.shape}")
-    sa, sb = _saccades(a), _saccades(b)
-    M = np.linalg.norm(sa[:, None, 2:] - sb[None, :, 2:], axis=-1)  # saccade-vector differences
+            raise ValueError(f"multimatch: `{name}` must be (n >= 1, 2) pixel coordinates, got shape {p.shape}")
+        paths.append(_saccades(p))
+    (start_a, vec_a), (start_b, vec_b) = paths
+    # saccade-vector differences, in float64 as their np.ones-based differences
+    M = np.linalg.norm(vec_a[:, None].astype(np.float64) - vec_b[None].astype(np.float64), axis=-1)
     i, j = _align(M)
-    pa, pb = sa[i], sb[j]
-    theta_a = np.arctan2(pa[:, 3], pa[:, 2])
-    theta_b = np.arctan2(pb[:, 3], pb[:, 2])
-    angle = np.abs(theta_a - theta_b) % (2 * math.pi)
-    angle = np.minimum(angle, 2 * math.pi - angle)
-    diag = math.hypot(*screen)
+    # float32 angles moved into [0, 2 pi) as theirs (pi + (pi + theta)), their difference folded into [0, pi]
+    theta_a, theta_b = (np.arctan2(v[:, 1], v[:, 0]).astype(np.float64) for v in (vec_a[i], vec_b[j]))
+    theta_a, theta_b = (np.where(t < 0, math.pi + (math.pi + t), t) for t in (theta_a, theta_b))
+    angle = np.abs(theta_a - theta_b)
+    angle = np.where(angle > math.pi, 2 * math.pi - angle, angle)
+    rho_a, rho_b = (np.sqrt((v ** 2).sum(1)) for v in (vec_a[i], vec_b[j]))  # float32
+    diag = math.sqrt(screen[0] ** 2 + screen[1] ** 2)
     return {
-        "vector": float(1 - np.median(M[i, j]) / (2 * diag)),
+        "vector": float(1 - np.median(np.sqrt(((vec_a[i] - vec_b[j]) ** 2).sum(1))) / (2 * diag)),
         "direction": float(1 - np.median(angle) / math.pi),
-        "length": float(1 - np.median(np.abs(np.hypot(pa[:, 2], pa[:, 3]) - np.hypot(pb[:, 2], pb[:, 3]))) / diag),
-        "position": float(1 - np.median(np.linalg.norm(pa[:, :2] - pb[:, :2], axis=1)) / diag),
+        "length": float(1 - np.median(np.abs(rho_a - rho_b)) / diag),
+        "position": float(1 - np.median(np.sqrt(((start_a[i] - start_b[j]) ** 2).sum(1).astype(np.float64))) / diag),
     }

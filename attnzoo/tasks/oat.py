@@ -122,7 +122,7 @@ class OATTask(Task):
                 sims.append(scanpath_sim(probs[i, : len(human)], human))
                 pred_stats.append(behaviour(pred, t))
                 human_stats.append(behaviour(human, t))
-                for k, v in multimatch(self.centres[pred], self.centres[human], self.grid.size).items():
+                for k, v in multimatch(self.centres[human], self.centres[pred], self.grid.size).items():
                     mm[k].append(v)
         out = {"val_loss": loss_sum / tokens, "seq_score": float(np.mean(scores)), "sim": float(np.mean(sims)),
                "delta": behaviour_delta(pred_stats, human_stats)}

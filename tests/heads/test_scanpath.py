@@ -111,11 +111,27 @@ def test_multimatch_alignment_takes_a_down_step():
     assert multimatch(b, a, SCREEN) == pytest.approx(got)
 
 
-def test_multimatch_pads_short_scanpaths_with_the_last_fixation():
-    two = np.array([[0, 0], [3, 0]])
-    padded = np.array([[0, 0], [3, 0], [3, 0]])
+def test_multimatch_pads_short_scanpaths_at_pixel_one_one():
+    """The authors' calculate_mm puts a scanpath of < 3 fixations into np.ones((3, 3)): the padding is (1, 1)."""
+    two = np.array([[5, 5], [8, 9]])
     other = np.array([[0, 0], [0, 4], [3, 4]])
-    assert multimatch(two, other, SCREEN) == pytest.approx(multimatch(padded, other, SCREEN))
-    assert multimatch(np.array([[5, 5]]), np.array([[5, 5]]), SCREEN)["position"] == pytest.approx(1.0)
-    with pytest.raises(ValueError, match=r"\(n >= 1, 2\)"):
-        multimatch(np.zeros((3, 3)), other, SCREEN)
+    assert multimatch(two, other, SCREEN) == pytest.approx(multimatch([[5, 5], [8, 9], [1, 1]], other, SCREEN))
+    assert multimatch(two, other, SCREEN) != pytest.approx(multimatch([[5, 5], [8, 9], [8, 9]], other, SCREEN))
+    # one fixation at (5, 5): saccades (5,5)->(1,1)->(1,1) on both sides, identical
+    assert multimatch([[5, 5]], [[5, 5]], SCREEN) == pytest.approx(dict(vector=1, direction=1, length=1, position=1))
+    with pytest.raises(ValueError, match=r"`pred` must be \(n >= 1, 2\)"):
+        multimatch(other, np.zeros((3, 3)), SCREEN)
+
+
+def test_multimatch_breaks_equal_cost_alignments_as_the_authors_dijkstra():
+    """human saccades (0,0) (-2,-2); pred (-2,-2) (0,-2) (-2,2). M = [[2.83, 2, 2.83], [0, 2, 4]]. Three paths to
+    (1,2) cost 6: via (0,1), via (1,1), via (1,0)->(1,1). The authors' Dijkstra settles (0,0), then (1,0) (d=0),
+    then (0,1) before (1,1) (both d=2, lower index first), so (1,2) keeps predecessor (0,1): pairs (0,0) (0,1)
+    (1,2), length differences 2.83, 2, 0 -> median 2. (scipy's Dijkstra takes (1,1): median 0.83.)"""
+    human = np.array([[4, 4], [4, 4], [2, 2]])
+    pred = np.array([[4, 4], [2, 2], [2, 0], [0, 2]])
+    screen = (100, 100)
+    got = multimatch(human, pred, screen)
+    assert got["length"] == pytest.approx(1 - 2 / math.hypot(*screen), abs=1e-6)
+    assert got["direction"] == pytest.approx(0.5, abs=1e-6)  # 3pi/4, pi/2, pi/2
+    assert got["position"] == pytest.approx(1 - math.sqrt(8) / math.hypot(*screen), abs=1e-6)  # 0, 2.83, 4.47
