@@ -89,14 +89,16 @@ def load_image(path: str, model: torch.nn.Module, img_size: int | None) -> torch
 def visualize(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
     name = check_model_name(args.model)
     pretrained = not args.no_pretrained
+    # with random weights, one seed gives the classifier and its features_only twin the same ones (timm builds the
+    # whole model before wrapping it, whose key names differ from family to family)
+    torch.manual_seed(0)
     model = timm.create_model(name, pretrained=pretrained, **args.model_args).eval()
     x = load_image(args.image, model, args.img_size)
     out = Path(args.out)
     (out / "features").mkdir(parents=True, exist_ok=True)
     (out / "attention").mkdir(exist_ok=True)
+    torch.manual_seed(0)
     features = timm.create_model(name, pretrained=pretrained, features_only=True, **args.model_args).eval()
-    if not pretrained:  # the same random weights as the model above
-        features.load_state_dict({k: v for k, v in model.state_dict().items() if k in features.state_dict()})
     feature_pngs, attention_pngs = [], []
     with torch.no_grad(), record_window_attention() as maps:
         for i, fmap in enumerate(features(x)):
