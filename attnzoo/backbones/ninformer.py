@@ -246,11 +246,12 @@ def _create_ninformer(variant: str, pretrained: bool = False, **kwargs) -> NiNfo
 
 def _cfg(**kwargs) -> dict:
     return dict(dict(num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.9,
-                     interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                     interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), fixed_input_size=True,
                      first_conv="patch_embed.proj", classifier="head", license="bsd-3-clause"), **kwargs)
 
 
-# no published weights: tag-less configs carry the preprocessing only
+# no published weights: tag-less configs carry the preprocessing only; the token-mixing MLPs fix the token count,
+# so each takes only its img_size (timm's tools read fixed_input_size and do not shrink the input)
 default_cfgs = generate_default_cfgs({
     # the authors' CIFAR-10 script: Normalize((0.5,) * 3, (0.5,) * 3), 32 px, no resize
     "ninformer_cifar": _cfg(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0),

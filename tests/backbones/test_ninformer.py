@@ -119,6 +119,8 @@ def test_other_input_size_is_a_clear_error(shape):
 def test_imagenet_variants_take_224():
     model = timm.create_model("ninformer_tiny_patch16_224", depth=1).eval()
     assert model.pretrained_cfg["input_size"] == (3, 224, 224)
+    # timm's tools (and its test suite) read this before they feed any other size
+    assert all(timm.models.get_pretrained_cfg(name).fixed_input_size for name in timm.list_models("ninformer_*"))
     assert model.blocks[0].gate.mixer.mlp_tokens.fc1.weight.shape == (96, 196)  # token MLP over 196 tokens
     with torch.no_grad():
         assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
