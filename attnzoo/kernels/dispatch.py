@@ -19,7 +19,6 @@ Forcing one: the environment variable ``ATTNZOO_BACKEND=torch|triton|reference``
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -61,9 +60,11 @@ def forced_backend() -> str | None:
     return _check_name(name, ENV_VAR) if name else None
 
 
-@functools.cache
+_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: dynamo then reads a plain global
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def interpreting() -> bool:
