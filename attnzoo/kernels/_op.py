@@ -83,6 +83,7 @@ class Op:
         self.op = self.backward_op = None
         self._fake = self._grads = None
         self._saved: tuple[int, ...] = ()
+        self._save_inputs = True
         OPS[name] = self
 
     # ----------------------------------------------------------------------------------- the public call
@@ -143,29 +144,30 @@ class Op:
         self.backward_op.register_fake(fn)
         return fn
 
-    def grads(self, saved: tuple[int, ...] = ()) -> Callable[[Callable], Callable]:
+    def grads(self, saved: tuple[int, ...] = (), inputs: bool = True) -> Callable[[Callable], Callable]:
         """Register the forward op's autograd: ``@OP.grads(saved=(0, 1))`` on
         ``fn(inputs, outputs, grads, needs_input_grad)``, which returns one gradient (or None) per input by
         calling the backward op. ``outputs`` are the forward outputs at the indices ``saved`` (only those are
-        kept for the backward); every tensor input is kept."""
+        kept for the backward); the tensor inputs are kept too unless ``inputs=False`` (then they are None in
+        ``inputs``, and the fallback's recompute still keeps them)."""
         def register(fn: Callable) -> Callable:
-            self._grads, self._saved = fn, saved
+            self._grads, self._saved, self._save_inputs = fn, saved, inputs
             self.op.register_autograd(self._backward, setup_context=self._setup_context)
             return fn
         return register
 
     def _setup_context(self, ctx, inputs, output):
         output = output if isinstance(output, tuple) else (output,)
-        is_tensor = [isinstance(a, torch.Tensor) for a in inputs]
-        ctx.layout = [(t, None if t else a) for t, a in zip(is_tensor, inputs, strict=True)]
         ctx.fused = self.runs_fused(*inputs)
-        ctx.save_for_backward(*(a for a, t in zip(inputs, is_tensor, strict=True) if t),
+        keep = [isinstance(a, torch.Tensor) and (self._save_inputs or not ctx.fused) for a in inputs]
+        ctx.layout = [(k, None if k or isinstance(a, torch.Tensor) else a) for k, a in zip(keep, inputs, strict=True)]
+        ctx.save_for_backward(*(a for a, k in zip(inputs, keep, strict=True) if k),
                               *(output[i] for i in self._saved))
         ctx.mark_non_differentiable(*output[self.outputs:])
 
     def _backward(self, ctx, *grads):
         saved = iter(ctx.saved_tensors)
-        inputs = [next(saved) if t else a for t, a in ctx.layout]
+        inputs = [next(saved) if k else a for k, a in ctx.layout]
         outputs = list(saved)
         grads = grads[:self.outputs]
         if ctx.fused:
