@@ -1,5 +1,6 @@
 """Attention ops: each a readable PyTorch reference beside a fused Triton forward and backward, chosen by
-:mod:`attnzoo.kernels.dispatch`."""
+:mod:`attnzoo.kernels.dispatch`; the fused paths are registered as ``torch.ops.attnzoo.<op>``
+(:mod:`attnzoo.kernels._op`)."""
 from .channel import channel_attention
 from .dispatch import BACKENDS, forced_backend, trace, use_backend
 from .gating import ela_gate, ela_pool, subspace_attention

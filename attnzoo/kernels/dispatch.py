@@ -5,8 +5,14 @@ Backends:
                    triton is importable and the op supports the shape; on CPU tensors it runs only under
                    Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is first imported).
     ``torch``      the fastest plain-PyTorch path, e.g. ``F.scaled_dot_product_attention`` where it computes
-                   the same thing. The automatic choice everywhere else.
+                   the same thing. The automatic choice everywhere else. For ``linear_attention`` and
+                   ``rollout_step`` it is the reference formula itself (computed in at least fp32; no faster
+                   plain-PyTorch form is written: fp16 would overflow linear attention's normaliser), and for
+                   ``halo_attention`` on the CPU the eager formula (the reference), which beats SDPA there.
     ``reference``  the readable formula each op is tested against.
+
+How an op declares its backends and registers its fused path as ``torch.ops.attnzoo.<op>``:
+:mod:`attnzoo.kernels._op`.
 
 Forcing one: the environment variable ``ATTNZOO_BACKEND=torch|triton|reference``, or the context manager
 :func:`use_backend`, which takes precedence over the variable::
@@ -19,7 +25,6 @@ Forcing one: the environment variable ``ATTNZOO_BACKEND=torch|triton|reference``
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -61,9 +66,11 @@ def forced_backend() -> str | None:
     return _check_name(name, ENV_VAR) if name else None
 
 
-@functools.cache
+_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: dynamo then reads a plain global
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def interpreting() -> bool:

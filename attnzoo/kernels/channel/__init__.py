@@ -9,15 +9,13 @@ backward (split-N reduction of kᵀ v in fp32, softmax on the small state, then 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .._checks import check_float, check_rank, check_same, shape_str
-from ..dispatch import select_backend
+from .._op import Op, fused_module
 from .reference import channel_attention_reference, channel_attention_torch
 
-try:
-    from . import fused
-except ImportError:  # no triton on this platform: the torch and reference paths remain
-    fused = None
+fused = fused_module(__name__)
 
 __all__ = ["channel_attention"]
 
@@ -42,17 +40,40 @@ def channel_attention(
     """
     _check(q, k, v, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _OP(q, k, v, scale)
 
-    # without triton the dispatcher never picks it, and a forced "triton" fails there with the reason
-    unsupported = None if fused is None else fused.unsupported(q)
-    backend = select_backend(OP, q, triton_supported=fused is not None and unsupported is None)
-    if backend == "reference":
-        return channel_attention_reference(q, k, v, scale)
-    if backend == "torch":
-        return channel_attention_torch(q, k, v, scale)
-    if unsupported is not None:
-        raise ValueError(f"{OP}: the triton backend {unsupported}")
-    return fused.channel_attention_fused(q, k, v, scale)
+
+_OP = Op(OP, fused, reference=channel_attention_reference, torch=channel_attention_torch,
+         unsupported=lambda q, *_: fused.unsupported(q))
+
+
+@_OP.forward
+def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """The output and A = softmax(scale · kᵀ v), [B·G, hd, hd] fp32."""
+    return fused._forward(q, k, v, scale, fused._Launch(q))
+
+
+@_OP.fake
+def _(q, k, v, scale):
+    B, G, _, D = q.shape
+    return q.new_empty(q.shape), q.new_empty((B * G, D, D), dtype=torch.float32)
+
+
+@_OP.backward
+def _backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn: Tensor,
+              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return fused._backward(q, k, v, attn, d_out, scale, fused._Launch(q))
+
+
+@_OP.backward_fake
+def _(d_out, q, k, v, attn, scale):
+    return tuple(q.new_empty(q.shape) for _ in range(3))
+
+
+@_OP.grads(saved=(1,))
+def _(inputs, outputs, grads, needs):
+    q, k, v, scale = inputs
+    return *_OP.backward_op(grads[0], q, k, v, outputs[0], scale), None
 
 
 def _check(q, k, v, scale) -> None:

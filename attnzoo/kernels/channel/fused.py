@@ -186,25 +186,3 @@ def _backward(q, k, v, attn, d_out, scale: float, launch: _Launch):
         *k.stride(), *v.stride(), *d_out.stride(), *dq.stride(),
         BLOCK_N=launch.BLOCK_N, BLOCK_D=launch.BLOCK_D, FP32_DOT=launch.fp32_dot, num_warps=launch.num_warps)
     return dq, dk, dv
-
-
-class _ChannelAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, block_n, splits):
-        launch = _Launch(q, block_n, splits)
-        out, attn = _forward(q, k, v, scale, launch)
-        ctx.save_for_backward(q, k, v, attn)
-        ctx.scale, ctx.launch = scale, launch
-        return out
-
-    @staticmethod
-    def backward(ctx, d_out):
-        q, k, v, attn = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, attn, d_out, ctx.scale, ctx.launch)
-        return dq, dk, dv, None, None, None
-
-
-def channel_attention_fused(q, k, v, scale: float, block_n: int | None = None, splits: int | None = None):
-    """The fused forward and backward. ``block_n`` (tokens per block) and ``splits`` (programs per group in
-    the N-reduction) override the launch heuristics, e.g. to exercise a many-way split on a small input."""
-    return _ChannelAttention.apply(q, k, v, scale, block_n, splits)

@@ -13,25 +13,19 @@ the Triton forwards and backwards.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .._checks import check_float, check_rank, check_same, shape_str
-from ..dispatch import select_backend
+from .._op import Op, fused_module
 from .reference import ela_gate_reference, ela_pool_reference, subspace_attention_reference
 
-try:
-    from . import fused
-except ImportError:  # no triton on this platform: the torch and reference paths remain
-    fused = None
+fused = fused_module(__name__)
 
 __all__ = ["ela_pool", "ela_gate", "subspace_attention"]
 
 
-def _backend(op: str, x: torch.Tensor) -> str:
-    unsupported = fused.unsupported(x) if fused is not None else "needs triton"
-    backend = select_backend(op, x, triton_supported=unsupported is None)
-    if backend == "triton" and unsupported is not None:
-        raise ValueError(f"{op}: the triton backend {unsupported}")
-    return backend
+def _unsupported(x: Tensor, *_) -> str | None:
+    return fused.unsupported(x)
 
 
 def ela_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,9 +41,7 @@ def ela_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     check_float(op, "x", x)
     check_rank(op, "x", x, "BCHW")
     _check_nonempty(op, x)
-    if _backend(op, x) == "triton":
-        return fused.ela_pool_fused(x)
-    return ela_pool_reference(x)
+    return _ELA_POOL(x)
 
 
 def ela_gate(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
@@ -74,9 +66,7 @@ def ela_gate(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Ten
         if tuple(t.shape) != want:
             raise ValueError(f"{op}: `{name}` must have shape {shape_str(want)} for `x` of shape "
                              f"{shape_str(x.shape)}, got {shape_str(t.shape)}")
-    if _backend(op, x) == "triton":
-        return fused.ela_gate_fused(x, a_h, a_w)
-    return ela_gate_reference(x, a_h, a_w)
+    return _ELA_GATE(x, a_h, a_w)
 
 
 def subspace_attention(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -102,11 +92,101 @@ def subspace_attention(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     if (logits.shape[0], logits.shape[2], logits.shape[3]) != (B, H, W) or G == 0 or C % G:
         raise ValueError(f"{op}: `logits` must have shape [B, G, H, W] = [{B}, G, {H}, {W}] with G dividing "
                          f"C={C}, got {shape_str(logits.shape)}")
-    if _backend(op, x) == "triton":
-        return fused.subspace_attention_fused(x, logits)
-    return subspace_attention_reference(x, logits)
+    return _SUBSPACE(x, logits)
 
 
 def _check_nonempty(op: str, x: torch.Tensor) -> None:
     if x.numel() == 0:
         raise ValueError(f"{op}: `x` must not be empty, got shape {shape_str(x.shape)}")
+
+
+# The formulas are the fastest plain-PyTorch paths (in the input dtype), so torch and reference are the same.
+# The fused kernels take contiguous maps and return contiguous results.
+
+_ELA_POOL = Op("ela_pool", fused, reference=ela_pool_reference, torch=ela_pool_reference,
+               unsupported=_unsupported, outputs=2)
+
+
+@_ELA_POOL.forward
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    return fused._ela_pool_forward(x)
+
+
+@_ELA_POOL.fake
+def _(x):
+    B, C, H, W = x.shape
+    return x.new_empty((B, C, H)), x.new_empty((B, C, W))
+
+
+@_ELA_POOL.backward
+def _(dx_h: Tensor, dx_w: Tensor) -> Tensor:
+    return fused._ela_pool_backward(dx_h, dx_w)
+
+
+@_ELA_POOL.backward_fake
+def _(dx_h, dx_w):
+    return dx_h.new_empty((*dx_h.shape, dx_w.shape[-1]))
+
+
+@_ELA_POOL.grads(inputs=False)  # the backward needs only the gradients' shapes
+def _(inputs, outputs, grads, needs):
+    return (_ELA_POOL.backward_op(*grads),)
+
+
+_ELA_GATE = Op("ela_gate", fused, reference=ela_gate_reference, torch=ela_gate_reference,
+               unsupported=_unsupported)
+
+
+@_ELA_GATE.forward
+def _(x: Tensor, a_h: Tensor, a_w: Tensor) -> Tensor:
+    return fused._ela_gate_forward(x, a_h, a_w)
+
+
+@_ELA_GATE.fake
+def _(x, a_h, a_w):
+    return x.new_empty(x.shape)
+
+
+@_ELA_GATE.backward
+def _(x: Tensor, a_h: Tensor, a_w: Tensor, dy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return fused._ela_gate_backward(x, a_h, a_w, dy)
+
+
+@_ELA_GATE.backward_fake
+def _(x, a_h, a_w, dy):
+    return x.new_empty(x.shape), a_h.new_empty(a_h.shape), a_w.new_empty(a_w.shape)
+
+
+@_ELA_GATE.grads()
+def _(inputs, outputs, grads, needs):
+    return _ELA_GATE.backward_op(*inputs, grads[0])
+
+
+_SUBSPACE = Op("subspace_attention", fused, reference=subspace_attention_reference,
+               torch=subspace_attention_reference, unsupported=_unsupported)
+
+
+@_SUBSPACE.forward
+def _(x: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+    """y and the log-sum-exp of each (image, subspace) map, [B·G] fp32."""
+    return fused._subspace_forward(x, logits)
+
+
+@_SUBSPACE.fake
+def _(x, logits):
+    return x.new_empty(x.shape), x.new_empty(logits.shape[0] * logits.shape[1], dtype=torch.float32)
+
+
+@_SUBSPACE.backward
+def _(x: Tensor, logits: Tensor, lse: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+    return fused._subspace_backward(x, logits, lse, dy)
+
+
+@_SUBSPACE.backward_fake
+def _(x, logits, lse, dy):
+    return x.new_empty(x.shape), logits.new_empty(logits.shape)
+
+
+@_SUBSPACE.grads(saved=(1,))
+def _(inputs, outputs, grads, needs):
+    return _SUBSPACE.backward_op(*inputs, *outputs, grads[0])

@@ -15,15 +15,13 @@ which gathers each neighbourhood from the key/value maps inside the kernel.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .._checks import check_float, check_rank, check_same, shape_str
-from ..dispatch import select_backend
+from .._op import Op, fused_module
 from .reference import halo_attention_reference, halo_attention_sdpa
 
-try:
-    from . import fused
-except ImportError:  # no triton on this platform: the torch and reference paths remain
-    fused = None
+fused = fused_module(__name__)
 
 __all__ = ["halo_attention"]
 
@@ -59,20 +57,46 @@ def halo_attention(
     """
     _check(q, k, v, height_rel, width_rel, block_size, halo_size)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    args = (q, k, v, height_rel, width_rel, block_size, halo_size, scale, bool(scale_pos_embed))
+    return _OP(q, k, v, height_rel, width_rel, block_size, halo_size, scale, bool(scale_pos_embed))
 
-    # without triton the dispatcher never picks it, and a forced "triton" fails there with the reason
-    unsupported = None if fused is None else fused.unsupported(q, v, block_size, halo_size)
-    backend = select_backend(OP, q, triton_supported=fused is not None and unsupported is None)
-    if backend == "reference":
-        return halo_attention_reference(*args)
-    if backend == "torch":
-        # on the CPU, SDPA with the relative logits as its mask is slower than the eager formula's two matmuls
-        # (0.8-0.9x forward on HaloNet-26t's shapes, tools/benchmark.py)
-        return halo_attention_sdpa(*args) if q.is_cuda else halo_attention_reference(*args)
-    if unsupported is not None:
-        raise ValueError(f"{OP}: the triton backend {unsupported}")
-    return fused.halo_attention_fused(*args)
+
+def _torch(*args) -> Tensor:
+    """SDPA with the relative logits as its mask on CUDA; on the CPU the eager formula (the reference), whose
+    two matmuls beat SDPA there (0.8-0.9x forward on HaloNet-26t's shapes, tools/benchmark.py)."""
+    return halo_attention_sdpa(*args) if args[0].is_cuda else halo_attention_reference(*args)
+
+
+_OP = Op(OP, fused, reference=halo_attention_reference, torch=_torch,
+         unsupported=lambda q, k, v, hr, wr, block, halo, *_: fused.unsupported(q, v, block, halo))
+
+
+@_OP.forward
+def _forward(q: Tensor, k: Tensor, v: Tensor, height_rel: Tensor, width_rel: Tensor, block_size: int,
+             halo_size: int, scale: float, scale_pos_embed: bool) -> Tensor:
+    return fused._forward(q, k, v, height_rel, width_rel, block_size, halo_size, scale, scale_pos_embed)
+
+
+@_OP.fake
+def _(q, k, v, height_rel, width_rel, block_size, halo_size, scale, scale_pos_embed):
+    B, N, Hq, Wq, _ = q.shape
+    return q.new_empty(B, N, v.shape[-1], Hq, Wq).permute(0, 1, 3, 4, 2)  # the kernel's layout
+
+
+@_OP.backward
+def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, height_rel: Tensor, width_rel: Tensor,
+              block_size: int, halo_size: int, scale: float,
+              scale_pos_embed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return fused._backward(do, q, k, v, height_rel, width_rel, block_size, halo_size, scale, scale_pos_embed)
+
+
+@_OP.backward_fake
+def _(do, q, k, v, height_rel, width_rel, block_size, halo_size, scale, scale_pos_embed):
+    return torch.empty_like(q), *(t.new_empty(t.shape) for t in (k, v, height_rel, width_rel))
+
+
+@_OP.grads()
+def _(inputs, outputs, grads, needs):
+    return *_OP.backward_op(grads[0], *inputs), None, None, None, None
 
 
 def _check(q, k, v, height_rel, width_rel, block_size, halo_size) -> None:

@@ -194,37 +194,25 @@ def _launch_args(q, k, v, height_rel, width_rel, block: int, halo: int, scale: f
     return grid, scalars, const, pos_scale
 
 
-class _HaloAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, height_rel, width_rel, block, halo, scale, scale_pos_embed):
-        grid, scalars, const, pos_scale = _launch_args(
-            q, k, v, height_rel, width_rel, block, halo, scale, scale_pos_embed)
-        B, N, Hq, Wq, _ = q.shape
-        # stored [B, N, Dv, Hq, Wq], so folding the heads back into channels is a free view
-        out = torch.empty(B, N, v.shape[-1], Hq, Wq, dtype=q.dtype, device=q.device).permute(0, 1, 3, 4, 2)
-        _fwd_kernel[grid](q, k, v, height_rel, width_rel, out, *q.stride(), *k.stride(), *v.stride(),
-                          *height_rel.stride(), *width_rel.stride(), *out.stride(), *scalars, **const)
-        ctx.save_for_backward(q, k, v, height_rel, width_rel)
-        ctx.launch = (grid, scalars, const, scale, pos_scale)
-        return out
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, height_rel, width_rel = ctx.saved_tensors
-        grid, scalars, const, scale, pos_scale = ctx.launch
-        dq = torch.empty_like(q)
-        acc = dict(dtype=torch.float32, device=q.device)
-        dk, dv = torch.zeros(k.shape, **acc), torch.zeros(v.shape, **acc)
-        dhr, dwr = torch.zeros(height_rel.shape, **acc), torch.zeros(width_rel.shape, **acc)
-        _bwd_kernel[grid](q, k, v, height_rel, width_rel, do, dq, dk, dv, dhr, dwr,
-                          *q.stride(), *k.stride(), *v.stride(), *height_rel.stride(), *width_rel.stride(),
-                          *do.stride(), *dq.stride(), *scalars, scale, pos_scale,
-                          WIN_PAD=_pad(const["WIN"]), **const)
-        return (dq, dk.to(k.dtype), dv.to(v.dtype), dhr.to(height_rel.dtype), dwr.to(width_rel.dtype),
-                None, None, None, None)
+def _forward(q, k, v, height_rel, width_rel, block: int, halo: int, scale: float, scale_pos_embed: bool):
+    grid, scalars, const, _ = _launch_args(q, k, v, height_rel, width_rel, block, halo, scale, scale_pos_embed)
+    B, N, Hq, Wq, _ = q.shape
+    # stored [B, N, Dv, Hq, Wq], so folding the heads back into channels is a free view
+    out = torch.empty(B, N, v.shape[-1], Hq, Wq, dtype=q.dtype, device=q.device).permute(0, 1, 3, 4, 2)
+    _fwd_kernel[grid](q, k, v, height_rel, width_rel, out, *q.stride(), *k.stride(), *v.stride(),
+                      *height_rel.stride(), *width_rel.stride(), *out.stride(), *scalars, **const)
+    return out
 
 
-def halo_attention_fused(q, k, v, height_rel, width_rel, block: int, halo: int, scale: float,
-                         scale_pos_embed: bool) -> torch.Tensor:
-    """The fused path; arguments validated by ``attnzoo.kernels.halo.halo_attention``."""
-    return _HaloAttention.apply(q, k, v, height_rel, width_rel, block, halo, scale, scale_pos_embed)
+def _backward(do, q, k, v, height_rel, width_rel, block: int, halo: int, scale: float, scale_pos_embed: bool):
+    grid, scalars, const, pos_scale = _launch_args(
+        q, k, v, height_rel, width_rel, block, halo, scale, scale_pos_embed)
+    dq = torch.empty_like(q)
+    acc = dict(dtype=torch.float32, device=q.device)
+    dk, dv = torch.zeros(k.shape, **acc), torch.zeros(v.shape, **acc)
+    dhr, dwr = torch.zeros(height_rel.shape, **acc), torch.zeros(width_rel.shape, **acc)
+    _bwd_kernel[grid](q, k, v, height_rel, width_rel, do, dq, dk, dv, dhr, dwr,
+                      *q.stride(), *k.stride(), *v.stride(), *height_rel.stride(), *width_rel.stride(),
+                      *do.stride(), *dq.stride(), *scalars, scale, pos_scale,
+                      WIN_PAD=_pad(const["WIN"]), **const)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dhr.to(height_rel.dtype), dwr.to(width_rel.dtype)

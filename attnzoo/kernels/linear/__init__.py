@@ -12,15 +12,13 @@ Triton forward and backward, which never write φ(k), α or k' to memory.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .._checks import check_float, check_rank, check_same, shape_str
-from ..dispatch import select_backend
+from .._op import Op, fused_module
 from .reference import linear_attention_reference
 
-try:
-    from . import fused
-except ImportError:  # no triton on this platform: the torch and reference paths remain
-    fused = None
+fused = fused_module(__name__)
 
 __all__ = ["linear_attention"]
 
@@ -61,15 +59,55 @@ def linear_attention(
         reweight_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     cos, sin = rope if rope is not None else (None, None)
     clamp_min = None if clamp_min is None else float(clamp_min)
-    args = (feature_map, reweight_scale, cos, sin, clamp_min, float(eps))
+    return _OP(q, k, v, feature_map, reweight_scale, cos, sin, clamp_min, float(eps))
 
-    unsupported = fused.unsupported(q) if fused is not None else "is not available (triton is not installed)"
-    backend = select_backend(OP, q, triton_supported=unsupported is None)
-    if backend in ("reference", "torch"):
-        return linear_attention_reference(q, k, v, *args)
-    if unsupported is not None:
-        raise ValueError(f"{OP}: the triton backend {unsupported}")
-    return fused.linear_attention_fused(q, k, v, *args)
+
+# torch: the reference formula itself (computed in at least fp32); no faster plain-PyTorch form is written yet
+_OP = Op(OP, fused, reference=linear_attention_reference, torch=linear_attention_reference,
+         unsupported=lambda q, *_: fused.unsupported(q))
+
+
+def _launch(q, feature_map, reweight_scale, cos, sin, clamp_min, eps):
+    """The fused launch and the RoPE tables as the kernels read them (fp32, contiguous)."""
+    if cos is not None:
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    return fused._Launch(q, feature_map, reweight_scale, cos, clamp_min, eps), cos, sin
+
+
+@_OP.forward
+def _forward(q: Tensor, k: Tensor, v: Tensor, feature_map: str, reweight_scale: float | None, cos: Tensor | None,
+             sin: Tensor | None, clamp_min: float | None, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The output, then the state S, Σ k', mean φ(q) and α's softmax max and sum (fp32, padded to the kernels'
+    BLOCK_D)."""
+    launch, cos, sin = _launch(q, feature_map, reweight_scale, cos, sin, clamp_min, eps)
+    return fused._forward(q, k, v, cos, sin, launch)
+
+
+@_OP.fake
+def _(q, k, v, feature_map, reweight_scale, cos, sin, clamp_min, eps):
+    B, H, _, D = q.shape
+    pad = max(16, 1 << (int(D) - 1).bit_length())  # the kernels' BLOCK_D, next power of two
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty(q.shape), q.new_empty((B * H, pad, pad), **f32), q.new_empty((B * H, pad), **f32),
+            q.new_empty((B * H, pad), **f32), q.new_empty((B * H, 2), **f32))
+
+
+@_OP.backward
+def _backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, feature_map: str, reweight_scale: float | None,
+              cos: Tensor | None, sin: Tensor | None, clamp_min: float | None, eps: float, state: Tensor,
+              k_sum: Tensor, q_mean: Tensor, stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    launch, cos, sin = _launch(q, feature_map, reweight_scale, cos, sin, clamp_min, eps)
+    return fused._backward(q, k, v, cos, sin, state, k_sum, q_mean, stats, d_out, launch)
+
+
+@_OP.backward_fake
+def _(d_out, q, k, v, feature_map, reweight_scale, cos, sin, clamp_min, eps, state, k_sum, q_mean, stats):
+    return tuple(q.new_empty(q.shape) for _ in range(3))
+
+
+@_OP.grads(saved=(1, 2, 3, 4))
+def _(inputs, outputs, grads, needs):
+    return *_OP.backward_op(grads[0], *inputs, *outputs), *(None,) * 6
 
 
 def _check(q, k, v, feature_map, scale, rope, clamp_min, eps, reweight_keys) -> None:

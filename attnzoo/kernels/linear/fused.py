@@ -392,27 +392,3 @@ def _backward(q, k, v, cos, sin, state, k_sum, q_mean, stats, d_out, lc: _Launch
         q, d_out, *rope, state, k_sum, d_qmean, dq, lc.H, lc.N, lc.D, lc.eps, lc.clamp_min,
         *q.stride(), *d_out.stride(), *dq.stride(), REWEIGHT=lc.reweight, CLAMP=lc.clamp, **lc.flags)
     return dq, dk, dv
-
-
-class _LinearAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, feature_map, reweight_scale, cos, sin, clamp_min, eps):
-        if cos is not None:
-            cos, sin = cos.float().contiguous(), sin.float().contiguous()
-        lc = _Launch(q, feature_map, reweight_scale, cos, clamp_min, eps)
-        out, state, k_sum, q_mean, stats = _forward(q, k, v, cos, sin, lc)
-        ctx.save_for_backward(q, k, v, cos, sin, state, k_sum, q_mean, stats)
-        ctx.launch = lc
-        return out
-
-    @staticmethod
-    def backward(ctx, d_out):
-        q, k, v, cos, sin, state, k_sum, q_mean, stats = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, cos, sin, state, k_sum, q_mean, stats, d_out, ctx.launch)
-        return dq, dk, dv, None, None, None, None, None, None
-
-
-def linear_attention_fused(q, k, v, feature_map: str, reweight_scale: float | None, cos, sin,
-                           clamp_min: float | None, eps: float) -> torch.Tensor:
-    """The fused forward and backward; arguments as ``linear_attention_reference``."""
-    return _LinearAttention.apply(q, k, v, feature_map, reweight_scale, cos, sin, clamp_min, eps)

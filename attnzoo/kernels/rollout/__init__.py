@@ -14,15 +14,13 @@ DCAL does with it (a top-k) has no gradient anyway.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .._checks import check_float, check_rank, check_same, shape_str
-from ..dispatch import select_backend
+from .._op import Op, fused_module
 from .reference import rollout_step_reference
 
-try:
-    from . import fused
-except ImportError:  # no triton on this platform: the torch and reference paths remain
-    fused = None
+fused = fused_module(__name__)
 
 __all__ = ["rollout_step"]
 
@@ -46,13 +44,23 @@ def rollout_step(q: torch.Tensor, k: torch.Tensor, r: torch.Tensor, scale: float
     if r.dim() == 2:
         r = r.unsqueeze(1).expand(-1, q.shape[1], -1)
 
-    unsupported = None if fused is None else fused.unsupported(q)
-    backend = select_backend(OP, q, triton_supported=fused is not None and unsupported is None)
-    if backend in ("reference", "torch"):  # no faster PyTorch formulation than the explicit matrix
-        return rollout_step_reference(q, k, r, scale)
-    if unsupported is not None:
-        raise ValueError(f"{OP}: the triton backend {unsupported}")
+    return _OP(q, k, r, scale)
+
+
+# torch: the reference itself, the explicit matrix (no faster PyTorch formulation); forward only, so no autograd
+# is registered
+_OP = Op(OP, fused, reference=rollout_step_reference, torch=rollout_step_reference,
+         unsupported=lambda q, *_: fused.unsupported(q))
+
+
+@_OP.forward
+def _forward(q: Tensor, k: Tensor, r: Tensor, scale: float) -> Tensor:
     return fused.rollout_step_fused(q, k, r, scale)
+
+
+@_OP.fake
+def _(q, k, r, scale):
+    return q.new_empty(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
 
 
 def _check(q, k, r, scale) -> None:

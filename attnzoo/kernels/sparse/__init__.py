@@ -10,15 +10,13 @@ touch the others, so the work is proportional to K rather than N.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .._checks import check_float, check_rank, check_same, shape_str
-from ..dispatch import select_backend
+from .._op import Op, fused_module
 from .reference import sparse_attention_reference, sparse_attention_sdpa
 
-try:
-    from . import fused
-except ImportError:  # no triton on this platform: the torch and reference paths remain
-    fused = None
+fused = fused_module(__name__)
 
 __all__ = ["sparse_attention"]
 
@@ -49,16 +47,40 @@ def sparse_attention(
     _check(q, k, v, index, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
 
-    # without triton the dispatcher never picks it, and a forced "triton" fails there with the reason
-    unsupported = None if fused is None else fused.unsupported(q)
-    backend = select_backend(OP, q, triton_supported=fused is not None and unsupported is None)
-    if backend == "reference":
-        return sparse_attention_reference(q, k, v, index, scale)
-    if backend == "torch":
-        return sparse_attention_sdpa(q, k, v, index, scale)
-    if unsupported is not None:
-        raise ValueError(f"{OP}: the triton backend {unsupported}")
-    return fused.sparse_attention_fused(q, k, v, index, scale)
+    return _OP(q, k, v, index, scale)
+
+
+_OP = Op(OP, fused, reference=sparse_attention_reference, torch=sparse_attention_sdpa,
+         unsupported=lambda q, *_: fused.unsupported(q))
+
+
+@_OP.forward
+def _forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """The output and the natural log-sum-exp of each row, [B·H, M] fp32."""
+    return fused._forward(q, k, v, index, scale, fused._Launch(q, index))
+
+
+@_OP.fake
+def _(q, k, v, index, scale):
+    B, H, M, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B * H, M), dtype=torch.float32)
+
+
+@_OP.backward
+def _backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, index: Tensor, out: Tensor, lse: Tensor,
+              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return fused._backward(q, k, v, index, out, lse, d_out, scale, fused._Launch(q, index))
+
+
+@_OP.backward_fake
+def _(d_out, q, k, v, index, out, lse, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@_OP.grads(saved=(0, 1))
+def _(inputs, outputs, grads, needs):
+    q, k, v, index, scale = inputs
+    return *_OP.backward_op(grads[0], q, k, v, index, *outputs, scale), None, None
 
 
 def _check(q, k, v, index, scale) -> None:

@@ -168,24 +168,3 @@ def _backward(q, k, v, index, out, lse, d_out, scale: float, launch: _Launch):
         q, k, v, index, d_out, lse, delta, dq, dk, dv, q.shape[1], launch.M, k.shape[2], launch.K, launch.D, scale,
         *q.stride(), *k.stride(), *v.stride(), *index.stride(), *d_out.stride(), **launch.blocks())
     return dq, dk.to(k.dtype), dv.to(v.dtype)
-
-
-class _SparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, index, scale):
-        launch = _Launch(q, index)
-        out, lse = _forward(q, k, v, index, scale, launch)
-        ctx.save_for_backward(q, k, v, index, out, lse)
-        ctx.scale, ctx.launch = scale, launch
-        return out
-
-    @staticmethod
-    def backward(ctx, d_out):
-        q, k, v, index, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, index, out, lse, d_out, ctx.scale, ctx.launch)
-        return dq, dk, dv, None, None
-
-
-def sparse_attention_fused(q, k, v, index, scale: float) -> torch.Tensor:
-    """The fused forward and backward (arguments validated by :func:`attnzoo.kernels.sparse_attention`)."""
-    return _SparseAttention.apply(q, k, v, index, scale)

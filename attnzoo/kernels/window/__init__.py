@@ -8,15 +8,13 @@ attention, L²ViT's window blocks.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .._checks import check_float, check_rank, check_same, shape_str
-from ..dispatch import select_backend
+from .._op import Op, fused_module
 from .reference import window_attention_reference, window_attention_sdpa
 
-try:
-    from . import fused
-except ImportError:  # no triton on this platform: the torch and reference paths remain
-    fused = None
+fused = fused_module(__name__)
 
 __all__ = ["window_attention"]
 
@@ -53,16 +51,44 @@ def window_attention(
     if mask is not None and mask.dim() == 1:
         mask = mask[None]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _OP(q, k, v, bias, mask, scale)
 
-    backend = select_backend(OP, q, triton_supported=fused is not None and fused.preferred(q))
-    if backend == "reference":
-        return window_attention_reference(q, k, v, bias, mask, scale)
-    if backend == "torch":
-        return window_attention_sdpa(q, k, v, bias, mask, scale)
-    unsupported = fused.unsupported(q)
-    if unsupported is not None:
-        raise ValueError(f"{OP}: the triton backend {unsupported}")
-    return fused.window_attention_fused(q, k, v, bias, mask, scale)
+
+_OP = Op(OP, fused, reference=window_attention_reference, torch=window_attention_sdpa,
+         unsupported=lambda q, *_: fused.unsupported(q), preferred=lambda q, *_: fused.preferred(q))
+
+
+@_OP.forward
+def _forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Tensor | None,
+             scale: float) -> tuple[Tensor, Tensor]:
+    """The output and the base-2 log-sum-exp of each row, [B, H, N] fp32."""
+    return fused._forward(q, k, v, bias, mask, scale)
+
+
+@_OP.fake
+def _(q, k, v, bias, mask, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@_OP.backward
+def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Tensor | None, o: Tensor,
+              lse: Tensor, scale: float, bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv and d bias (an empty tensor unless ``bias_grad``)."""
+    dq, dk, dv, dbias = fused._backward(do, q, k, v, bias, mask, o, lse, scale, bias_grad)
+    return dq, dk, dv, dbias if bias_grad else q.new_empty(0)
+
+
+@_OP.backward_fake
+def _(do, q, k, v, bias, mask, o, lse, scale, bias_grad):
+    return (*(q.new_empty(q.shape) for _ in range(3)), bias.new_empty(bias.shape) if bias_grad else q.new_empty(0))
+
+
+@_OP.grads(saved=(0, 1))
+def _(inputs, outputs, grads, needs):
+    q, k, v, bias, mask, scale = inputs
+    bias_grad = bias is not None and needs[3]
+    dq, dk, dv, dbias = _OP.backward_op(grads[0], q, k, v, bias, mask, *outputs, scale, bias_grad)
+    return dq, dk, dv, dbias if bias_grad else None, None, None
 
 
 def _check(q, k, v, bias, mask) -> None:

@@ -260,25 +260,3 @@ def _backward(do, q, k, v, bias, mask, o, lse, scale, bias_grad):
             dbias = dbias.sum(1, keepdim=True)
         dbias = dbias.to(bias.dtype)
     return dq, dk, dv, dbias
-
-
-class _WindowAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, bias, mask, scale):
-        o, lse = _forward(q, k, v, bias, mask, scale)
-        ctx.save_for_backward(q, k, v, bias, mask, o, lse)
-        ctx.scale = scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, bias, mask, o, lse = ctx.saved_tensors
-        bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = _backward(do, q, k, v, bias, mask, o, lse, ctx.scale, bias_grad)
-        return dq, dk, dv, dbias, None, None
-
-
-def window_attention_fused(q, k, v, bias, mask, scale: float) -> torch.Tensor:
-    """Fused forward (and backward, through autograd). Arguments as validated by ``window_attention``:
-    bias [G, H or 1, N, N] or None, mask [Gm, N] bool or None."""
-    return _WindowAttention.apply(q, k, v, bias, mask, scale)
