@@ -83,14 +83,19 @@ OP_SOURCES = ["davit_tiny", "davit_base", "maxvit_tiny_tf_224", "halonet26t", "h
 def capture_op_calls(name: str, batch: int, device, dtype) -> list[tuple[str, tuple, dict]]:
     """Run `name` once and record every attnzoo op call it makes: (op, args, kwargs), with the real tensors.
 
-    Models call the ops through names bound in their module (``from ..kernels import window_attention``), so
-    those names are wrapped for the duration of one forward.
+    Models call the ops through names bound in their modules (``from ..kernels import window_attention``), and
+    not always the model's own module (L²ViT's window blocks are DaViT's), so the name is wrapped in every
+    attnzoo module that binds the public op, for the duration of one forward.
     """
     import timm
 
     model = timm.create_model(name).to(device, dtype).eval()
-    module = sys.modules[type(model).__module__]
-    ops = [op for op in attnzoo.kernels.__all__ if op not in dir(attnzoo.kernels.dispatch) and hasattr(module, op)]
+    public = {op: getattr(attnzoo.kernels, op) for op in attnzoo.kernels.__all__
+              if op not in dir(attnzoo.kernels.dispatch)}
+    bound = [(module, attr, op) for module in list(sys.modules.values())
+             if getattr(module, "__name__", "").startswith("attnzoo.")
+             and not module.__name__.startswith("attnzoo.kernels")
+             for attr, op in public.items() if getattr(module, attr, None) is op]
     calls = []
 
     def recorder(op, fn):
@@ -99,16 +104,15 @@ def capture_op_calls(name: str, batch: int, device, dtype) -> list[tuple[str, tu
             return fn(*args, **kwargs)
         return record
 
-    originals = {op: getattr(module, op) for op in ops}
     try:
-        for op, fn in originals.items():
-            setattr(module, op, recorder(op, fn))
+        for module, attr, op in bound:
+            setattr(module, attr, recorder(attr, op))
         x = torch.randn(batch, 3, *model.pretrained_cfg["input_size"][1:], device=device, dtype=dtype)
         with torch.no_grad():
             model(x)
     finally:
-        for op, fn in originals.items():
-            setattr(module, op, fn)
+        for module, attr, op in bound:
+            setattr(module, attr, op)
     return calls
 
 
