@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import torch.nn.functional as F
 from timm.models.maxxvit import window_partition
 
 import attnzoo.kernels as kernels
