@@ -70,17 +70,33 @@ class Row:
 
 
 class Budget:
-    """Wall-clock seconds for the whole run; a case starts only while its estimated cost still fits."""
+    """Wall-clock seconds for the whole run; a case starts only while its estimated cost still fits. Each
+    section may end early (``until``, a share of the whole), so that the later ones keep their part: time a
+    section leaves unused passes on to the next."""
 
     def __init__(self, seconds: float | None):
-        self.end = None if seconds is None else time.monotonic() + seconds
+        self.start = time.monotonic()
+        self.seconds = seconds
+        self.end = None if seconds is None else self.start + seconds
         self.skipped: list[str] = []
+
+    def until(self, share: float) -> Budget:
+        """This budget, ending once ``share`` of the whole run's time has passed; skips are recorded here."""
+        part = Budget(None)
+        part.end = None if self.end is None else self.start + share * self.seconds
+        part.skipped = self.skipped
+        return part
 
     def fits(self, what: str, cost: float = 0.0) -> bool:
         if self.end is None or time.monotonic() + cost < self.end:
             return True
         self.skipped.append(what)
         return False
+
+
+def error_text(e: Exception) -> str:
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}"
 
 
 def sync(device: torch.device) -> None:
@@ -101,7 +117,7 @@ def measure(fns: dict[str, Callable[[], object]], device: torch.device, min_seco
         except Exception as e:  # noqa: BLE001  (one failing alternative must not end a one-shot GPU run)
             if errors is None:
                 raise
-            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            errors[name] = error_text(e)
             del fns[name]
     if not fns:
         return {}
@@ -229,17 +245,17 @@ class Impl:
     unprepare: Callable[[object], object] | None = None
 
 
-def _flex(compile_backend: str | None):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    return (torch.compile(flex_attention, backend=compile_backend) if compile_backend else flex_attention,
-            create_block_mask)
+def compiled(fn: Callable, compile_backend: str | None) -> Callable:
+    """``fn`` under torch.compile (a FlexAttention call inside is then one fused kernel; its score_mod, defined
+    in ``fn``, is traced with it rather than guarded on), or eager without a backend (the CPU dry run)."""
+    return torch.compile(fn, backend=compile_backend) if compile_backend else fn
 
 
 def window_flex(args, kwargs, compile_backend) -> Impl:
     """Window attention as FlexAttention: P consecutive windows packed into one sequence, a block-diagonal block
-    mask (and the padded keys), the bias read in ``score_mod``."""
-    flex, create_block_mask = _flex(compile_backend)
+    mask (and the padded keys), the bias read in ``score_mod`` (and differentiated there)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
     q = args[0]
     B, H, N, D = q.shape
     bias, mask = kwargs.get("bias"), kwargs.get("mask")
@@ -259,24 +275,23 @@ def window_flex(args, kwargs, compile_backend) -> Impl:
             return same
         return same & mask[(kv_idx // N) % mask.shape[0], kv_idx % N]
 
-    score_mod = None
-    if bias is not None:
-        def score_mod(score, b, h, q_idx, kv_idx):
-            hb = h if bias.shape[1] > 1 else 0
-            return score + bias[(q_idx // N) % bias.shape[0], hb, q_idx % N, kv_idx % N]
-
     block_mask = create_block_mask(mask_mod, None, None, P * N, P * N, device=q.device)
 
     def prepare(args, kwargs):
-        return tuple(pack(t) for t in args[:3]), {}
+        return (*(pack(t) for t in args[:3]), *([] if bias is None else [bias])), {}
 
-    def fn(q, k, v):
-        return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    def fn(q, k, v, bias=None):
+        score_mod = None
+        if bias is not None:
+            def score_mod(score, b, h, q_idx, kv_idx):
+                hb = h if bias.shape[1] > 1 else 0
+                return score + bias[(q_idx // N) % bias.shape[0], hb, q_idx % N, kv_idx % N]
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
     def unprepare(out):
         return out.reshape(B // P, H, P, N, D).transpose(1, 2).reshape(B, H, N, D)
 
-    return Impl(fn, prepare, unprepare)
+    return Impl(compiled(fn, compile_backend), prepare, unprepare)
 
 
 def window_natten(args, kwargs) -> Impl | None:
@@ -304,7 +319,8 @@ def halo_flex(args, kwargs, compile_backend) -> Impl:
     """Halo attention as FlexAttention over the zero-padded key map: a block mask keeps each query block's
     (b + 2h)² neighbourhood; ``score_mod`` adds the relative logits q·height_rel and q·width_rel, computed in
     the call as the op does."""
-    flex, create_block_mask = _flex(compile_backend)
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
     q, k, v, height_rel, width_rel, block, halo = args[:7]
     scale = kwargs.get("scale") or q.shape[-1] ** -0.5
     scale_pos = kwargs.get("scale_pos_embed", False)
@@ -335,18 +351,19 @@ def halo_flex(args, kwargs, compile_backend) -> Impl:
             return score + (pos * scale if scale_pos else pos)
 
         kp, vp = (F.pad(t, (0, 0, halo, halo, halo, halo)).flatten(2, 3) for t in (k, v))
-        out = flex(qf, kp, vp, score_mod=score_mod, block_mask=block_mask, scale=scale)
+        out = flex_attention(qf, kp, vp, score_mod=score_mod, block_mask=block_mask, scale=scale)
         return out.reshape(B, heads, Hq, Wq, -1)
 
-    return Impl(fn, lambda args, kwargs: (args[:5], {}))
+    return Impl(compiled(fn, compile_backend), lambda args, kwargs: (args[:5], {}))
 
 
 def sparse_flex(args, kwargs, compile_backend) -> Impl:
     """Sparse attention as FlexAttention: the kept keys as a dense [B, H, M, N] mask read by ``mask_mod`` (built
     outside the timed call, with its block mask)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
     from attnzoo.kernels.sparse.reference import key_mask
 
-    flex, create_block_mask = _flex(compile_backend)
     q, k, v, index = args[:4]
     keep = key_mask(index, k.shape[2])
     M, N = keep.shape[2:]
@@ -356,8 +373,8 @@ def sparse_flex(args, kwargs, compile_backend) -> Impl:
 
     block_mask = create_block_mask(mask_mod, q.shape[0], q.shape[1], M, N, device=q.device)
     scale = kwargs.get("scale") or q.shape[-1] ** -0.5
-    return Impl(lambda q, k, v: flex(q, k, v, block_mask=block_mask, scale=scale, score_mod=None),
-                lambda args, kwargs: (args[:3], {}))
+    return Impl(compiled(lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask, scale=scale),
+                         compile_backend), lambda args, kwargs: (args[:3], {}))
 
 
 def channel_sdpa(args, kwargs) -> Impl:
@@ -402,9 +419,10 @@ def pick_calls(calls, largest_only: bool):
 
 
 def bench_ops(names, device, dtype, batch, min_seconds, suite="cpu", compile_backend=None, budget=None,
-              dry_run=False) -> Iterator[Row]:
-    """Each distinct op call of the models: ours (the automatic backend) against the alternatives of
-    :func:`op_impls`, forward and forward+backward (forward only for ops without a gradient)."""
+              dry_run=False, largest_only=False) -> Iterator[Row]:
+    """Each distinct op call of the models (with `largest_only`, each model's largest call of each op): ours
+    (the automatic backend) against the alternatives of :func:`op_impls`, forward and forward+backward (every
+    float input differentiated; forward only for ops without a gradient)."""
     budget = budget or Budget(None)
     seen = set()
     for name in names:
@@ -413,8 +431,12 @@ def bench_ops(names, device, dtype, batch, min_seconds, suite="cpu", compile_bac
             continue
         if not budget.fits(f"op shapes of {name}"):
             continue
-        calls = capture_op_calls(name, batch, device, dtype)
-        for op, args, kwargs in pick_calls(calls, largest_only=suite == "gpu"):
+        try:
+            calls = capture_op_calls(name, batch, device, dtype)
+        except Exception as e:  # noqa: BLE001  (the model's forward failed: its ops cannot be measured)
+            yield Row("op", "(capture)", name, "fwd", errors={"ours": error_text(e)})
+            continue
+        for op, args, kwargs in pick_calls(calls, largest_only):
             shape = describe(args, kwargs)
             if (op, shape) in seen:
                 continue
@@ -425,7 +447,7 @@ def bench_ops(names, device, dtype, batch, min_seconds, suite="cpu", compile_bac
             try:
                 impls = op_impls(op, args, kwargs, suite, compile_backend)
             except Exception as e:  # noqa: BLE001
-                fwd.errors["setup"] = f"{type(e).__name__}: {e}"
+                fwd.errors["setup"] = error_text(e)
                 yield fwd
                 continue
             inputs = {}
@@ -433,7 +455,7 @@ def bench_ops(names, device, dtype, batch, min_seconds, suite="cpu", compile_bac
                 try:
                     inputs[key] = impl.prepare(args, kwargs) if impl.prepare else (args, kwargs)
                 except Exception as e:  # noqa: BLE001
-                    fwd.errors[key] = f"{type(e).__name__}: {e}"
+                    fwd.errors[key] = error_text(e)
             check_alternatives(impls, inputs, fwd)
             if dry_run:
                 yield fwd
@@ -448,14 +470,19 @@ def bench_ops(names, device, dtype, batch, min_seconds, suite="cpu", compile_bac
             for key, (a, kw) in inputs.items():
                 if key in fwd.errors:
                     continue
-                leaves = [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
-                          else t for t in a]
-                grad_args = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+                # every float input is differentiated (a bias too), as in training
+                leaf = lambda t: t.detach().requires_grad_() if is_float(t) else t  # noqa: E731
+                leaves, kw = [leaf(t) for t in a], {n: leaf(t) for n, t in kw.items()}
+                grad_args = [t for t in (*leaves, *kw.values()) if is_float(t)]
                 fns[key] = (lambda fn=impls[key].fn, leaves=leaves, kw=kw, grad_args=grad_args:
                             backward(fn(*leaves, **kw), grad_args))
             bwd.ms = measure(fns, device, min_seconds, bwd.errors)
             bwd.diff = fwd.diff
             yield bwd
+
+
+def is_float(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
 def backward(out, inputs):
@@ -468,14 +495,15 @@ def check_alternatives(impls: dict[str, Impl], inputs: dict, row: Row) -> None:
     than the dtype can explain is dropped with that as its error, so no ratio compares unlike things."""
     with torch.no_grad():
         ours = impls["ours"].fn(*inputs["ours"][0], **inputs["ours"][1])
-        tol = 1e-3 if as_tuple(ours)[0].dtype == torch.float32 else 5e-2
+        # loose for bf16/fp16 (rounded logits of long sums differ by a few %): this catches unlike formulas
+        tol = 1e-3 if as_tuple(ours)[0].dtype == torch.float32 else 0.1
         for key in [k for k in inputs if k != "ours"]:
             try:
                 out = impls[key].fn(*inputs[key][0], **inputs[key][1])
                 out = impls[key].unprepare(out) if impls[key].unprepare else out
                 row.diff[key] = rel_diff(out, ours)
             except Exception as e:  # noqa: BLE001
-                row.errors[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                row.errors[key] = error_text(e)
                 del inputs[key]
                 continue
             if not row.diff[key] <= tol:
@@ -585,11 +613,18 @@ def bench_models(names, device, dtype, batch, min_seconds, compile_backend=None,
     names = [n for n in names if ours_registered(n)]
     jobs = [(False, mode, name) for name in names for mode in ("infer", "train")]
     jobs += [(True, mode, name) for mode in ("infer", "train") for name in names] if compile_backend else []
+    pairs = {}  # each model pair built once, for all its jobs
     for is_compiled, mode, name in jobs:
         label = f"{mode} compiled" if is_compiled else mode
         if not budget.fits(f"{name} {label}", cost=COMPILE_COST[mode] if is_compiled else 5.0):
             continue
-        models, size = model_pair(name, device, dtype)
+        try:
+            if name not in pairs:
+                pairs[name] = model_pair(name, device, dtype)
+        except Exception as e:  # noqa: BLE001
+            yield Row("model", name, "", label, errors={"setup": error_text(e)})
+            continue
+        models, size = pairs[name]
         x = torch.randn(batch, 3, *size, device=device, dtype=dtype)
         shape = f"{batch}x3x{size[0]}x{size[1]} vs {MODELS[name].rsplit('.', 1)[1]}"
         row = Row("model", name, shape, label)
@@ -609,6 +644,8 @@ def bench_models(names, device, dtype, batch, min_seconds, compile_backend=None,
             continue
         row.ms = measure(fns, device, min_seconds, row.errors)
         row.mem_mib = peak_memory({k: fns[k] for k in row.ms}, device)
+        for m in models.values():
+            m.zero_grad(set_to_none=True)
         yield row
         del models, fns
         if device.type == "cuda":
@@ -747,10 +784,12 @@ def main(argv=None) -> int:
     sizes = ((6, 197, 197, 64), (2, 12, 4096, 4096, 64)) if suite == "gpu" else ((6, 196, 196, 64),)
     if args.quick and device.type == "cpu":
         sizes = tuple(s for s in sizes if s[-2] < 4096)
+    # of the budget: the ops until 45% of it has passed, the sweep until 55%, the models the rest
     sections = {
         "ops": lambda: bench_ops(chosen(op_models), device, dtype, batch, min_seconds, suite, compile_backend,
-                                 budget, args.dry_run),
-        "keep rates": lambda: bench_keep_rates(rates, device, dtype, batch, min_seconds, sizes, budget, args.dry_run),
+                                 budget.until(0.45), args.dry_run, largest_only=suite == "gpu" and args.quick),
+        "keep rates": lambda: bench_keep_rates(rates, device, dtype, batch, min_seconds, sizes, budget.until(0.55),
+                                               args.dry_run),
         "models": lambda: bench_models(chosen(model_names), device, dtype, batch, min_seconds,
                                        compile_backend if suite == "gpu" else None, budget, args.dry_run),
     }

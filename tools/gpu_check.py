@@ -2,11 +2,11 @@
 the GPU benchmark (`tools/benchmark.py --suite gpu --quick`), within one time budget (8 minutes by default, so
 that it fits one short loan of an H100-class machine), written to outputs/gpu-check/: report.md and report.json
 (GPU, torch and triton versions, the test summary with every failure, the benchmark's tables), beside the
-pytest log and the benchmark's own JSON and markdown.
+pytest logs and the benchmark's own log, JSON and markdown.
 
     python tools/gpu_check.py [--budget 480] [--out outputs/gpu-check]
     python tools/gpu_check.py --probe      # only: is there a CUDA GPU? (exit 2 if not; needs no torch)
-    python tools/gpu_check.py --dry-run --pytest-args tests/kernels/test_cuda.py --bench-args "--op-models davit_tiny"
+    python tools/gpu_check.py --dry-run -k window --bench-args "--op-models davit_tiny --models none"
                                            # the check itself on the CPU: the tests skip, the benchmark only
                                            # builds and checks its cases
 
@@ -16,6 +16,7 @@ step, not the report. Without a GPU it says so and exits 2 before anything is se
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -30,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NO_GPU = 2  # exit status without a GPU
 TEST_SHARE = 0.5  # of the budget, at most, for the tests; the benchmark gets the rest
 REPORT_RESERVE = 20  # seconds kept back for writing the report
+TEST_TIMEOUT = 150  # seconds for one test where pytest-timeout is installed (compiles included)
+LARGE_TESTS_SECONDS = 75  # of the tests' share, for the tests past 2³¹ elements (run last, alone)
 
 
 def probe() -> str | None:
@@ -74,23 +77,36 @@ def run_step(cmd: list[str], log: Path, seconds: float) -> tuple[int | None, flo
     return code, time.monotonic() - start
 
 
-RESULT = re.compile(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
+STATUS = r"(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)"
+RESULT = re.compile(rf"^(\S+::\S+) {STATUS}\b")  # pytest -v
+XDIST_RESULT = re.compile(rf"^\[gw\d+\] \[\s*\d+%\] {STATUS} (\S+::\S+)")  # pytest -v -n N
+STARTED = re.compile(r"^(\S+::\S+) ?$")
 
 
 def test_summary(log: str, code: int | None) -> dict:
-    """Counts and failures from pytest's verbose log (which survives an interrupted run, unlike its XML)."""
-    results = {}
-    running = None
+    """Counts and failures from pytest's verbose log (which survives an interrupted run, unlike its XML), with
+    or without xdist; ``unfinished``: the tests started and never finished (what was running at a deadline)."""
+    results, started = {}, []
     for line in log.splitlines():
         if m := RESULT.match(line):
             results[m.group(1)] = m.group(2)
-        elif re.match(r"^\S+::\S+ ?$", line):
-            running = line.strip()  # started, no result yet
-    running = None if running in results else running
+        elif m := XDIST_RESULT.match(line):
+            results[m.group(2)] = m.group(1)
+        elif m := STARTED.match(line):
+            started.append(m.group(1))
     counts = {status: list(results.values()).count(status) for status in sorted(set(results.values()))}
     failures = [line for line in log.splitlines() if re.match(r"^(FAILED|ERROR) ", line)]
     return {"exit": code, "stopped_at_deadline": code is None, "counts": counts, "failures": failures,
-            "unfinished": running, "skip_reasons": [line for line in log.splitlines() if line.startswith("SKIPPED")]}
+            "unfinished": [t for t in dict.fromkeys(started) if t not in results],
+            "skip_reasons": [line for line in log.splitlines() if line.startswith("SKIPPED")]}
+
+
+def merge(a: dict, b: dict) -> dict:
+    """One summary of two pytest runs."""
+    counts = {k: a["counts"].get(k, 0) + b["counts"].get(k, 0) for k in sorted({*a["counts"], *b["counts"]})}
+    exits = [x["exit"] for x in (a, b)]
+    return {"exit": None if None in exits else max(exits), "stopped_at_deadline": None in exits, "counts": counts,
+            **{k: a[k] + b[k] for k in ("failures", "unfinished", "skip_reasons")}}
 
 
 def environment() -> dict:
@@ -123,7 +139,8 @@ def markdown(env: dict, tests: dict, bench: dict, bench_md: str, timings: dict) 
              ", ".join(f"{n} {s.lower()}" for s, n in tests["counts"].items()) or "no test result", ""]
     if tests["stopped_at_deadline"]:
         lines += [f"Stopped at its deadline ({timings['tests']:.0f} s)"
-                  + (f", while running `{tests['unfinished']}`." if tests["unfinished"] else "."), ""]
+                  + (f", while running {', '.join(f'`{t}`' for t in tests['unfinished'])}."
+                     if tests["unfinished"] else "."), ""]
     elif tests["exit"] not in (0, None):
         lines += [f"pytest exited with status {tests['exit']}.", ""]
     lines += [f"- {f}" for f in tests["failures"]]
@@ -143,7 +160,8 @@ def main(argv=None) -> int:
     p.add_argument("--probe", action="store_true", help="only check that there is a CUDA GPU")
     p.add_argument("--budget", type=float, default=480, help="seconds for the whole check (default 480)")
     p.add_argument("--out", type=Path, default=Path("outputs/gpu-check"))
-    p.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. '-k window'")
+    p.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. a test file")
+    p.add_argument("-k", dest="keyword", help="only the tests matching this pytest -k expression")
     p.add_argument("--bench-args", default="", help="extra tools/benchmark.py arguments, e.g. '--models none'")
     p.add_argument("--dry-run", action="store_true",
                    help="no GPU needed: every step on the CPU, the benchmark only building and checking its cases")
@@ -164,10 +182,24 @@ def main(argv=None) -> int:
     print(f"gpu-check on {env['gpu']}: torch {env['torch']}, triton {env['triton']}; budget {args.budget:.0f} s",
           flush=True)
 
-    test_cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rfEs", "-p", "no:cacheprovider",
-                "--continue-on-collection-errors", *args.pytest_args.split()]
-    code, test_s = run_step(test_cmd, out / "pytest.log", args.budget * TEST_SHARE)
-    tests = test_summary((out / "pytest.log").read_text(errors="replace"), code)
+    # the tests: pytest -m cuda (what `make test-cuda` runs) on parallel workers, which compile the kernels side by
+    # side; then, alone on the GPU, the tests over tensors past 2³¹ elements (tens of GiB each)
+    pytest = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rfEs", "-p", "no:cacheprovider",
+              "--continue-on-collection-errors", *args.pytest_args.split()]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        # a kernel whose compile hangs ends its worker (xdist starts another), not the whole step
+        pytest += ["--timeout", str(TEST_TIMEOUT), "--timeout-method", "thread"]
+    workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+    large = "test_past_int32_offsets"
+    test_end = start + args.budget * TEST_SHARE
+    keyword = f"({args.keyword}) and " if args.keyword else ""
+    code, _ = run_step([*pytest, "-n", str(workers), "-k", f"{keyword}not {large}"], out / "pytest.log",
+                       test_end - LARGE_TESTS_SECONDS - time.monotonic())
+    code_large, _ = run_step([*pytest, "-k", keyword + large], out / "pytest-large.log",
+                             max(test_end - time.monotonic(), LARGE_TESTS_SECONDS / 2))
+    tests = merge(test_summary((out / "pytest.log").read_text(errors="replace"), code),
+                  test_summary((out / "pytest-large.log").read_text(errors="replace"), code_large))
+    test_s = time.monotonic() - start
     print(f"tests: {tests['counts']} in {test_s:.0f} s", flush=True)
 
     left = args.budget - (time.monotonic() - start) - REPORT_RESERVE

@@ -337,7 +337,7 @@ def _output_shapes(case: Case, t: Tensors) -> list[tuple[torch.Size, torch.dtype
 
 def _grad_outs(case: Case, shapes, device) -> list[torch.Tensor] | None:
     gen = torch.Generator(device=device).manual_seed(1)
-    return [torch.randn(s, generator=gen, device=device).to(d) for s, d in shapes] if case.grad else None
+    return [torch.randn(s, generator=gen, device=device, dtype=d) for s, d in shapes] if case.grad else None
 
 
 def _assert_precision(label: str, case: Case, fused: Result, in_dtype: Result, exact: Result, dtype) -> None:
@@ -394,11 +394,12 @@ def test_fused_matches_reference(name, dtype):
     check(CASES[name], dtype, "cuda", CASES[name].batch, name)
 
 
-@pytest.fixture
-def free_gpu_memory():
-    torch.cuda.empty_cache()
+@pytest.fixture(autouse=True)
+def release_gpu_memory():
+    """Cached blocks back to the GPU after each test: the tests past 2³¹ elements need most of it."""
     yield
-    torch.cuda.empty_cache()
+    if CUDA:
+        torch.cuda.empty_cache()
 
 
 LARGE_GIB = 60  # the largest case (q, k, v, output, upstream gradient and three input gradients, fp16) and slack
@@ -407,7 +408,8 @@ LARGE_GIB = 60  # the largest case (q, k, v, output, upstream gradient and three
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("name", LARGE)
-def test_past_int32_offsets(name, free_gpu_memory):
+def test_past_int32_offsets(name):
+    torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info()[0] / 2 ** 30
     if free < LARGE_GIB:
         pytest.skip(f"needs about {LARGE_GIB} GiB of free GPU memory for tensors past 2^31 elements, {free:.0f} free")

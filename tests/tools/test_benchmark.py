@@ -50,11 +50,15 @@ def test_gpu_suite_runs_on_cpu(tmp_path):
                            "eager", "--op-models", "davit_tiny,halonet26t,sparsifiner_deit_small_patch16_224",
                            "--models", "ela_b_resnet18", "--keep-rates", "0.5", "--out", str(out), "--md", str(md)])
     report = json.loads(out.read_text())
-    assert code == 0 and not any(r["errors"] for r in report["rows"]), [r["errors"] for r in report["rows"]]
+    # FlexAttention has no backward on the CPU (on a GPU it does): that one error is expected here
+    cpu_only = {"flex": "NotImplementedError: FlexAttention does not support backward on CPU"}
+    errors = [(r["mode"], k, e) for r in report["rows"] for k, e in r["errors"].items()]
+    assert code == 0 and all(m == "fwd+bwd" and e.startswith(cpu_only.get(k, "-")) for m, k, e in errors), errors
     modes = {(r["name"], r["mode"]) for r in report["rows"] if r["group"] == "model"}
     assert modes == {("ela_b_resnet18", m) for m in ("infer", "train", "infer compiled", "train compiled")}
-    assert all(set(r["ms"]) == {"ours", "sdpa", "flex"} for r in report["rows"]
-               if r["name"] in ("window_attention", "halo_attention", "sparse_attention"))
+    assert all(set(r["ms"]) == ({"ours", "sdpa", "flex"} if r["mode"] == "fwd" else {"ours", "sdpa"})
+               for r in report["rows"] if r["group"] == "op"
+               and r["name"] in ("window_attention", "halo_attention", "sparse_attention"))
     assert "vs FlexAttention" in md.read_text() and "vs best" in md.read_text()
 
 
@@ -71,3 +75,11 @@ def test_cpu_suite_runs(tmp_path):
     text = md.read_text()
     assert "| op | model: q k v shapes | pass | ours ms | vs torch path | vs reference |" in text
     assert "| ela_b_resnet18 | 1x3x224x224 vs resnet18 | train |" in text
+
+
+def test_budget_sections_pass_unused_time_on():
+    budget = benchmark.Budget(100.0)
+    assert budget.until(0.5).fits("a", cost=10) and not budget.until(0.05).fits("b", cost=10)
+    assert budget.fits("c", cost=10) and not budget.fits("d", cost=200)
+    assert budget.skipped == ["b", "d"]
+    assert benchmark.Budget(None).until(0.1).fits("e", cost=1e9)

@@ -36,7 +36,8 @@ def test_refusal_exit_status(capsys):
 
 
 def test_pytest_log_summary():
-    """The report's test summary from pytest's verbose log, also when the run was stopped mid-test."""
+    """The report's test summary from pytest's verbose log, with or without xdist, also when the run was stopped
+    mid-test."""
     log = "\n".join([
         "tests/kernels/test_cuda.py::test_fused_matches_reference[fp32-a] PASSED      [ 1%]",
         "tests/kernels/test_cuda.py::test_fused_matches_reference[fp16-a] FAILED      [ 2%]",
@@ -46,20 +47,29 @@ def test_pytest_log_summary():
     ])
     summary = gpu_check.test_summary(log, None)
     assert summary["counts"] == {"FAILED": 1, "PASSED": 1, "SKIPPED": 1}
-    assert summary["stopped_at_deadline"] and summary["unfinished"].endswith("[bf16-b]")
+    assert summary["stopped_at_deadline"] and summary["unfinished"] == [log.splitlines()[3].strip()]
     assert summary["failures"] == [log.splitlines()[-1]]
+    xdist = "\n".join([
+        "tests/kernels/test_cuda.py::test_a[x] ",
+        "tests/kernels/test_cuda.py::test_a[y] ",
+        "[gw1] [ 14%] SKIPPED tests/kernels/test_cuda.py::test_a[x] ",
+        "[gw0] [100%] PASSED tests/kernels/test_cuda.py::test_a[y] ",
+    ])
+    both = gpu_check.merge(summary, gpu_check.test_summary(xdist, 0))
+    assert both["counts"] == {"FAILED": 1, "PASSED": 2, "SKIPPED": 2} and both["stopped_at_deadline"]
 
 
+@pytest.mark.slow
 def test_dry_run_writes_the_report(tmp_path):
     """Every step of the check on the CPU: the CUDA tests (which skip here), the GPU benchmark building and
     checking one model's cases, the report from both."""
     out = tmp_path / "gpu-check"
     code = gpu_check.main(["--dry-run", "--out", str(out), "--budget", "300",
-                           "--pytest-args", "tests/kernels/test_cuda.py -k ela_pool",
+                           "--pytest-args", "tests/kernels/test_cuda.py", "-k", "ela_pool",
                            "--bench-args", "--op-models ela_b_resnet18 --models none --keep-rates none"])
     report = json.loads((out / "report.json").read_text())
     assert code == 0, (out / "benchmark.log").read_text()[-2000:]
-    assert report["tests"]["exit"] == 0 and report["tests"]["counts"]["SKIPPED"] >= 2
+    assert report["tests"]["exit"] == 0 and report["tests"]["counts"]["SKIPPED"] >= 7  # 6 cases + 1 large
     assert {r["name"] for r in report["benchmark"]["rows"]} == {"ela_pool", "ela_gate"}
     text = (out / "report.md").read_text()
     assert "## CUDA tests" in text and "| ela_pool | ela_b_resnet18:" in text
