@@ -667,6 +667,10 @@ def _ratio(r: Row, key: str) -> str:
     return "–" if ratio is None else f"{ratio:.2f}x"
 
 
+def ours_ms(r: Row) -> str:
+    return f"{r.ms['ours']:.3f}" if "ours" in r.ms else "failed" if r.errors else "–"  # "–": not timed (dry run)
+
+
 def markdown(rows: list[Row], batch: int, skipped: list[str] = ()) -> str:
     lines = []
     ops = [r for r in rows if r.group == "op"]
@@ -679,7 +683,7 @@ def markdown(rows: list[Row], batch: int, skipped: list[str] = ()) -> str:
         head += ["vs best"] if best else []
         lines += ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
         for r in ops:
-            cells = [r.name, r.shape, r.mode, f"{r.ms['ours']:.3f}" if "ours" in r.ms else "failed"]
+            cells = [r.name, r.shape, r.mode, ours_ms(r)]
             cells += [_ratio(r, b) for b in present]
             if best:
                 others = [r.ms[b] for b in present if b in r.ms and b != "reference"]
@@ -689,8 +693,7 @@ def markdown(rows: list[Row], batch: int, skipped: list[str] = ()) -> str:
     if keeps:
         lines += ["", "| op | keep rate: q k v shape | pass | ours ms | vs dense SDPA |", "|---|---|---|---:|---:|"]
         for r in keeps:
-            ours = f"{r.ms['ours']:.3f}" if "ours" in r.ms else "failed"
-            lines.append(f"| {r.name} | {r.shape} | {r.mode} | {ours} | {_ratio(r, 'dense')} |")
+            lines.append(f"| {r.name} | {r.shape} | {r.mode} | {ours_ms(r)} | {_ratio(r, 'dense')} |")
     models = [r for r in rows if r.group == "model"]
     if models:
         memory = any(r.mem_mib for r in models)
@@ -698,7 +701,8 @@ def markdown(rows: list[Row], batch: int, skipped: list[str] = ()) -> str:
         lines += ["", head + (" ours MiB | timm MiB |" if memory else ""),
                   "|---|---|---|---:|---:|---:|" + ("---:|---:|" if memory else "")]
         for r in models:
-            ips = [f"{1e3 * batch / r.ms[k]:.1f}" if k in r.ms else "failed" for k in ("ours", "timm")]
+            ips = [f"{1e3 * batch / r.ms[k]:.1f}" if k in r.ms else "failed" if r.errors else "–"
+                   for k in ("ours", "timm")]
             line = f"| {r.name} | {r.shape} | {r.mode} | {ips[0]} | {ips[1]} | {_ratio(r, 'timm')} |"
             if memory:
                 line += "".join(f" {r.mem_mib[k]:.0f} |" if k in r.mem_mib else " – |" for k in ("ours", "timm"))
