@@ -52,7 +52,7 @@ class Case:
     make: Callable[..., Tensors]
     call: Callable[[Tensors], object]
     in_dtype: Callable[[Tensors], object]
-    batch: int  # the leading-dim count on the GPU
+    batch: int  # images per GPU test (window attention: each of `slice_len` windows)
     shared: tuple[str, ...] = ()  # inputs without the batch dim (biases, tables, masks): not sliced
     fixed_dtype: tuple[str, ...] = ()  # float inputs that keep their own dtype
     grad: bool = True
@@ -64,9 +64,9 @@ def _randn(gen, *shape, dtype, device):
     return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
 
 
-def _qkv(gen, B, N, H, D, dtype, device, parts=3):
+def _qkv(gen, B, N, H, D, dtype, device):
     """q, k, v [B, H, N, D] as views of one [B, N, 3, H, D] projection, the layout the models' qkv split gives."""
-    return _randn(gen, B, N, parts, H, D, dtype=dtype, device=device).permute(2, 0, 3, 1, 4).unbind(0)
+    return _randn(gen, B, N, 3, H, D, dtype=dtype, device=device).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 # ------------------------------------------------------------------------------------------------------ window
