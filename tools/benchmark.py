@@ -14,10 +14,11 @@ Two suites, chosen by the device (``--suite`` overrides):
   sparse attention; channel attention as SDPA over the transposed maps), FlexAttention (compiled, a block mask
   for the windows / neighbourhoods / kept keys and the bias as ``score_mod``, inputs laid out for it outside the
   timed call) and NATTEN where it is installed and computes the same thing (window attention without a bias),
-  plus the `torch` path where that is neither; "vs best" is against the fastest of them. The sparse sweep at
-  197 tokens (DeiT-S) and 4096 (ViTDet). Models eager and compiled (``torch.compile``, ours and timm's alike),
-  with the peak memory of each (``torch.cuda.max_memory_allocated``). ``--budget`` bounds the whole run: cases
-  are run in order of importance and those that no longer fit are listed as skipped.
+  plus the `torch` path where that is neither; "vs best" is against the fastest of these. "forced triton" is the
+  fused kernel forced: the same as ours unless the automatic choice took another path. The sparse sweep at 197
+  tokens (DeiT-S) and 4096 (ViTDet). Models eager and compiled (``torch.compile``, ours and timm's alike), with
+  the peak memory of each (``torch.cuda.max_memory_allocated``). ``--budget`` bounds the whole run: cases are run
+  in order of importance and those that no longer fit are listed as skipped.
 
     python tools/benchmark.py                   # everything; fp32 on CPU, bf16 on CUDA
     python tools/benchmark.py --quick           # the small models only, shorter timing
@@ -391,6 +392,8 @@ def op_impls(op: str, args: tuple, kwargs: dict, suite: str, compile_backend: st
     impls = {"ours": Impl(backend_call(op, None))}
     if suite == "cpu":
         return impls | {"torch": Impl(backend_call(op, "torch")), "reference": Impl(backend_call(op, "reference"))}
+    if args[0].is_cuda:  # the fused kernel forced, to see it where the automatic choice takes another path
+        impls["triton"] = Impl(backend_call(op, "triton"))
     if op in ("window_attention", "halo_attention", "sparse_attention"):
         impls["sdpa"] = Impl(backend_call(op, "torch"))  # their torch path is SDPA with the bias as attn_mask
         flex = {"window_attention": window_flex, "halo_attention": halo_flex, "sparse_attention": sparse_flex}[op]
@@ -659,7 +662,8 @@ def infer(model, x):
 
 # ------------------------------------------------------------------------------------------------- report
 
-OP_BASELINES = ("torch", "sdpa", "flex", "natten", "reference")
+OP_BASELINES = ("triton", "torch", "sdpa", "flex", "natten", "reference")
+NOT_ALTERNATIVES = ("triton", "reference")  # ours forced, and the eager formula: not in "vs best"
 
 
 def _ratio(r: Row, key: str) -> str:
@@ -676,9 +680,9 @@ def markdown(rows: list[Row], batch: int, skipped: list[str] = ()) -> str:
     ops = [r for r in rows if r.group == "op"]
     if ops:
         present = [b for b in OP_BASELINES if any(b in r.ms or b in r.errors or b in r.diff for r in ops)]
-        names = {"torch": "torch path", "sdpa": "SDPA", "flex": "FlexAttention", "natten": "NATTEN",
-                 "reference": "reference"}
-        best = len([b for b in present if b != "reference"]) > 1
+        names = {"triton": "forced triton", "torch": "torch path", "sdpa": "SDPA", "flex": "FlexAttention",
+                 "natten": "NATTEN", "reference": "reference"}
+        best = len([b for b in present if b not in NOT_ALTERNATIVES]) > 1
         head = ["op", "model: q k v shapes", "pass", "ours ms", *(f"vs {names[b]}" for b in present)]
         head += ["vs best"] if best else []
         lines += ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
@@ -686,7 +690,7 @@ def markdown(rows: list[Row], batch: int, skipped: list[str] = ()) -> str:
             cells = [r.name, r.shape, r.mode, ours_ms(r)]
             cells += [_ratio(r, b) for b in present]
             if best:
-                others = [r.ms[b] for b in present if b in r.ms and b != "reference"]
+                others = [r.ms[b] for b in present if b in r.ms and b not in NOT_ALTERNATIVES]
                 cells.append(f"{min(others) / r.ms['ours']:.2f}x" if others and "ours" in r.ms else "–")
             lines.append("| " + " | ".join(cells) + " |")
     keeps = [r for r in rows if r.group == "keep"]
