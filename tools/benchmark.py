@@ -784,9 +784,9 @@ def main(argv=None) -> int:
     budget = Budget(args.budget)
     if suite == "gpu":
         # FlexAttention and the compiled models recompile per shape: room for all of them
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-        if hasattr(torch._dynamo.config, "recompile_limit"):
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        for limit in ("cache_size_limit", "recompile_limit"):  # the older and the newer name
+            if hasattr(torch._dynamo.config, limit):
+                setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 256))
     rates = [] if args.keep_rates == "none" else [float(r) for r in args.keep_rates.split(",")]
     # the gpu suite: DeiT-S's 197 tokens, and ViTDet-B's 64×64 map (two images)
     sizes = ((6, 197, 197, 64), (2, 12, 4096, 4096, 64)) if suite == "gpu" else ((6, 196, 196, 64),)
