@@ -7,7 +7,7 @@ MMCV_FULL := $(VENV)/.mmcv-full
 # pytest arguments, e.g. `make test PYTEST_ARGS="-k window -x"`
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow test-cuda benchmark demo lint clean mmcv-full mmcv-full-install
+.PHONY: setup test test-slow test-cuda gpu-check benchmark demo lint clean mmcv-full mmcv-full-install
 
 setup: $(STAMP)
 
@@ -31,6 +31,17 @@ test-slow: $(STAMP)
 # on a machine with a CUDA GPU: the fused kernels compiled for real, bf16 included
 test-cuda: $(STAMP)
 	$(PY) -m pytest -m cuda $(PYTEST_ARGS)
+
+# on a machine with a CUDA GPU, within 8 minutes on an H100-class GPU: test-cuda's tests, then the GPU benchmark
+# (tools/benchmark.py --suite gpu --quick), written to outputs/gpu-check/report.md and report.json. Without a GPU it
+# says so and stops before any set-up. GPU_PYTHON=python3 skips the set-up and runs it with an interpreter that
+# already has torch, triton and timm (a machine without network access); GPU_CHECK_BUDGET is in seconds.
+GPU_PYTHON ?=
+GPU_CHECK_BUDGET ?= 480
+gpu-check:
+	@$(PYTHON) tools/gpu_check.py --probe
+	$(if $(GPU_PYTHON),,$(MAKE) --no-print-directory setup)
+	$(or $(GPU_PYTHON),$(PY)) tools/gpu_check.py --budget $(GPU_CHECK_BUDGET)
 
 benchmark: $(STAMP)
 	$(PY) tools/benchmark.py

@@ -201,19 +201,3 @@ def test_bad_input_raises(args, kwargs, match):
 def test_triton_backend_rejects_unsupported(t, match):
     with use_backend("triton"), pytest.raises(ValueError, match=f"linear_attention: the {match}"):
         linear_attention(t, t, t)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("case", ["l2vit", "rala"])
-def test_triton_on_cuda(case):
-    shape, opts, shift = CASES[case]
-    q, k, v = (t.detach().cuda().requires_grad_() for t in _inputs(*shape, torch.float32, shift=shift))
-    opts = _options(opts, shape[2], shape[3], torch.float32)
-    opts = {key: tuple(t.cuda() for t in val) if key == "rope" else val for key, val in opts.items()}
-    d_out = torch.randn(shape, device="cuda")
-    want = _run(lambda *t: _reference(*t, **opts), q, k, v, d_out)
-    with trace() as calls:
-        got = _run(lambda *t: linear_attention(*t, **opts), q, k, v, d_out)
-    assert calls == [("linear_attention", "triton")]
-    for g, w in zip(got, want, strict=True):  # the GPU's fp32 dots may run in tf32
-        torch.testing.assert_close(g, w, atol=2e-3 * max(1.0, w.abs().max().item()), rtol=2e-3)
