@@ -245,3 +245,27 @@ def test_whole_model_conversion_names_what_does_not_fit(tmp_path):
                                          r"neck\.lateral_convs\.0\.conv\.weight \(1,\) vs \(32, 32, 1, 1\)"):
         convert_mm_checkpoint(cfg, tmp_path / "authors.pth", tmp_path / "converted.pth")
     assert not (tmp_path / "converted.pth").exists()
+
+
+def test_convert_tool_writes_what_eval_loads_and_refuses_other_files(tmp_path, capsys):
+    from ..tools.conftest import load_tool
+
+    convert = load_tool("convert")
+    cfg = small_config(WHOLE["ravlt"], "ravlt")
+    cfg.dump(tmp_path / "config.py")
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in build(cfg).state_dict().items() if not k.startswith("backbone.")}
+    others = {k: torch.randn(shape) for k, shape in shapes.items()}  # the neck and head: no BatchNorm
+    model, norms = authors_checkpoint("ravlt", tmp_path / "retinanet_t_1x_12_epoch.pth", (1, 2, 3), others)
+    assert convert.main(["--det", str(tmp_path / "config.py"), str(tmp_path / "retinanet_t_1x_12_epoch.pth"),
+                         "--out", str(tmp_path / "out.pth")]) == 0
+    state_dict = torch.load(tmp_path / "out.pth", weights_only=True)["state_dict"]
+    torch.testing.assert_close(state_dict["backbone.out_norms.0.weight"], norms[1][0])
+    torch.testing.assert_close(state_dict["backbone.model.stages_3.blocks.0.attn.qkvo.weight"],
+                               model.stages[3].blocks[0].attn.qkvo.weight)
+    torch.testing.assert_close(state_dict["bbox_head.retina_cls.weight"], others["bbox_head.retina_cls.weight"])
+    torch.save({"model": model.state_dict()}, tmp_path / "classification.pth")
+    assert convert.main(["--det", str(tmp_path / "config.py"), str(tmp_path / "classification.pth"),
+                         "--out", str(tmp_path / "other.pth")]) == 2
+    assert "is not an mmdet/mmseg checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "other.pth").exists()
