@@ -25,7 +25,8 @@ RAVLT's ``LayerNorm2d`` 1e-6, DaViT's ``nn.LayerNorm`` 1e-5; 1e-6 for the others
 * an authors' mmdetection / mmsegmentation checkpoint (a ``.pth`` whose ``state_dict`` has ``backbone.*`` keys,
   e.g. RAVLT's ``retinanet_t_1x_12_epoch.pth``): its backbone goes through the family's
   ``det_checkpoint_filter_fn`` (DaViT, L2ViT, RAVLT) and its output norms into ``out_norms``, so ``out_norm`` must
-  match the file. Keys that do not fit raise an error naming them; levels past ``out_indices`` are dropped.
+  match the file. Keys that do not fit raise an error naming them; levels past ``out_indices`` are dropped. A
+  checkpoint of an attnzoo config (``backbone.model.*`` keys, any family) loads its backbone as it is.
   (:func:`attnzoo.det.checkpoint.convert_mm_checkpoint` converts the whole model, neck and heads included.)
 
 Model arguments go through to ``timm.create_model``, e.g. ``window_padding='masked'`` for DaViT and L2ViT, whose
@@ -184,16 +185,33 @@ class AttnzooBackbone(BaseModule):
         self.model.load_state_dict(source.state_dict())
 
     def convert_mm_backbone(self, state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-        """This module's state_dict from the ``backbone.*`` weights of an authors' mmdet/mmseg ``state_dict``
-        (read from ``source``), through the family's ``det_checkpoint_filter_fn``: the model's weights, and the
-        authors' output norms as ``out_norms``. An :class:`~attnzoo.hub.InputError` (a ValueError) names the keys
-        that do not fit."""
+        """This module's state_dict from the ``backbone.*`` weights of an mmdet/mmseg ``state_dict`` (read from
+        ``source``): an authors' checkpoint through the family's ``det_checkpoint_filter_fn`` (the model's weights,
+        and their output norms as ``out_norms``), or one of attnzoo's own configs as it is. An
+        :class:`~attnzoo.hub.InputError` (a ValueError) names the keys that do not fit."""
         name = f"AttnzooBackbone({self.model_name})"
+        backbone = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
+        if any(k.startswith("model.") for k in backbone):  # trained with attnzoo's configs: our names
+            out, unexpected = backbone, []
+            norms = [k for k in backbone if k.startswith("out_norms.")]
+        else:
+            out, unexpected, norms = self._from_authors_layout(backbone, source)
+        if norms and self.out_norms is None:
+            raise InputError(f"{name}: {source} has output norms ({', '.join(norms[:4])}, ...), which "
+                             f"out_norm=False leaves out; build the backbone with out_norm=True")
+        # the unexpected keys of an authors' file are reported with the converter's names (the timm model's)
+        report = fit_report(self.state_dict(), {**out, **{k: None for k in unexpected}})
+        if report:
+            raise InputError(f"{name}: the backbone of {source} does not fit:{report}")
+        return out
+
+    def _from_authors_layout(self, backbone: dict[str, torch.Tensor], source: str):
+        """(our state_dict, the keys the model does not have, the output norms' keys) of an authors' backbone."""
+        name, family = f"AttnzooBackbone({self.model_name})", self._family().__name__
         convert = getattr(self._family(), "det_checkpoint_filter_fn", None)
         if convert is None:
-            raise InputError(f"{name}: {source} is an mmdet/mmseg checkpoint, but the {self._family().__name__} "
-                             f"family has no converter of its authors' detection layout (det_checkpoint_filter_fn)")
-        backbone = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
+            raise InputError(f"{name}: {source} is an mmdet/mmseg checkpoint, but the {family} family has no "
+                             f"converter of its authors' detection layout (det_checkpoint_filter_fn)")
         # the whole model, without weights, for the converter and for the names of its parts
         with torch.device("meta"):
             full = timm.create_model(self.model_name, **{k: v for k, v in self._model_kwargs.items()
@@ -201,8 +219,8 @@ class AttnzooBackbone(BaseModule):
         try:
             converted = convert(backbone, full)
         except (KeyError, IndexError, ValueError) as e:  # a key the converter has no rule for
-            raise InputError(f"{name}: the backbone of {source} is not in the layout of the {self._family().__name__} "
-                             f"authors' detection backbone ({type(e).__name__}: {e})") from None
+            raise InputError(f"{name}: the backbone of {source} is not in the layout of the {family} authors' "
+                             f"detection backbone ({type(e).__name__}: {e})") from None
         full_keys = set(full.state_dict())
         # timm's features_only wrapper keeps the model's children up to the last level, a Sequential's children
         # flattened into it as 'stages_0' (the names timm's FeatureListNet gives them)
@@ -223,14 +241,7 @@ class AttnzooBackbone(BaseModule):
                     out[f"model.{parts[old]}{key[len(old):]}"] = value
             else:
                 unexpected.append(key)
-        if norms and self.out_norms is None:
-            raise InputError(f"{name}: {source} has output norms ({', '.join(norms[:4])}, ...), which "
-                             f"out_norm=False leaves out; build the backbone with out_norm=True")
-        # the unexpected keys are reported with the converter's names (those of the timm model)
-        report = fit_report(self.state_dict(), {**out, **{k: None for k in unexpected}})
-        if report:
-            raise InputError(f"{name}: the backbone of {source} does not fit:{report}")
-        return out
+        return out, unexpected, norms
 
     def _source(self, checkpoint: str) -> tuple[str, dict]:
         """(timm model name, pretrained_cfg overlay) that make timm load ``checkpoint``."""

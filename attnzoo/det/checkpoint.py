@@ -214,7 +214,7 @@ def convert_mm_checkpoint(cfg, source: str | os.PathLike, out: str | os.PathLike
     if report:
         raise InputError(f"checkpoint {source} does not fit the model of the config:{report}")
     meta = dict(converted_from=source.name)
-    classes = checkpoint.get("meta", {}).get("CLASSES")
+    classes = (checkpoint.get("meta") or {}).get("CLASSES")
     if classes:
         meta["dataset_meta"] = dict(classes=tuple(classes))
     buffer = io.BytesIO()

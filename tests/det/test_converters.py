@@ -178,6 +178,17 @@ def test_missing_and_unknown_keys_are_named(tmp_path):
         backbone.load_pretrained(str(path))
 
 
+def test_a_checkpoint_of_an_attnzoo_config_loads_its_backbone_as_it_is(tmp_path):
+    trained = AttnzooBackbone("maxvit_tiny_tf_224", out_indices=(1, 2), out_norm=True, img_size=64)
+    path = tmp_path / "epoch_12.pth"
+    torch.save(dict(meta={}, state_dict={f"backbone.{k}": v for k, v in trained.state_dict().items()}), path)
+    backbone = AttnzooBackbone("maxvit_tiny_tf_224", out_indices=(1, 2), out_norm=True, img_size=64,
+                               init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+    backbone.init_weights()
+    for key, value in trained.state_dict().items():
+        assert torch.equal(backbone.state_dict()[key], value), key
+
+
 def test_a_family_without_a_detection_converter_is_refused(tmp_path):
     path = tmp_path / "x.pth"
     torch.save(dict(state_dict={"backbone.stem.weight": torch.zeros(1)}), path)
