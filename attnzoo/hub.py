@@ -23,7 +23,8 @@ from timm.models._hub import generate_readme, save_for_hf
 
 from .backbones._pretrained import checkpoint_weights, read_training_checkpoint
 
-__all__ = ["InputError", "atomic_dir", "check_model_name", "load_weights", "read_state_dict", "save_hub_folder"]
+__all__ = ["InputError", "atomic_dir", "check_model_name", "fit_report", "load_weights", "read_state_dict",
+           "save_hub_folder"]
 
 _SOURCES = ("hf-hub:", "local-dir:")
 
@@ -75,6 +76,18 @@ def _key_report(label: str, keys: list[str], limit: int = 8) -> str:
     return f"\n  {label}: {shown}"
 
 
+def fit_report(own: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor]) -> str:
+    """'' when ``state_dict`` has exactly the keys and shapes of ``own`` (a model's state_dict), else lines naming
+    the keys missing from it, those the model does not have and the shape mismatches."""
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in state_dict and state_dict[k].shape != v.shape]
+    return "".join(_key_report(label, keys) for label, keys in (
+        ("missing from the checkpoint", missing), ("not in the model", unexpected),
+        ("shape (checkpoint vs model)", mismatched)) if keys)
+
+
 def load_weights(model: torch.nn.Module, path: str | os.PathLike,
                  filter_fn: Callable[[dict, torch.nn.Module], dict] | None = None) -> None:
     """Load the weights at ``path`` into ``model`` strictly (after ``filter_fn(state_dict, model)``, e.g. the
@@ -82,16 +95,9 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike,
     state_dict = read_state_dict(path)
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                  if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or mismatched:
+    report = fit_report(model.state_dict(), state_dict)
+    if report:
         name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-        report = "".join(_key_report(label, keys) for label, keys in (
-            ("missing from the checkpoint", missing), ("not in the model", unexpected),
-            ("shape (checkpoint vs model)", mismatched)) if keys)
         raise InputError(f"checkpoint {path} does not fit model {name}:{report}")
     model.load_state_dict(state_dict)
 

@@ -9,6 +9,13 @@ then fit the model exactly (an error lists the keys that do not), and is written
 model.safetensors + README.md; ``timm.create_model("local-dir:OUT", pretrained=True)`` loads the result, and
 tools/publish.py's ``--repo`` or ``huggingface-cli upload`` pushes it. For checkpoints of tools/train.py use
 tools/publish.py.
+
+    python tools/convert.py --det configs/ravlt/retinanet_ravlt-t_fpn_1x_coco.py retinanet_t_1x_12_epoch.pth \
+        --out retinanet_ravlt-t.pth
+
+``--det``: the first argument is an attnzoo mmdetection/mmsegmentation config and the checkpoint the authors'
+mmdet 2.x / mmseg 0.x one of that model (DaViT, L2ViT, RAVLT); the result (``attnzoo.det.checkpoint.
+convert_mm_checkpoint``) is a checkpoint of the config's model, for ``tools/eval.py CONFIG OUT``.
 """
 from __future__ import annotations
 
@@ -28,9 +35,11 @@ from attnzoo.hub import InputError, check_model_name, load_weights, save_hub_fol
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="registered model name (timm's or attnzoo's)")
+    p.add_argument("model", help="registered model name (timm's or attnzoo's); with --det an mmdet/mmseg config")
     p.add_argument("checkpoint", help="the authors' weights (.pth, .pt, .bin or .safetensors)")
-    p.add_argument("--out", required=True, help="the Hub folder to write")
+    p.add_argument("--out", required=True, help="the Hub folder to write (with --det: the .pth file)")
+    p.add_argument("--det", action="store_true",
+                   help="convert the authors' mmdet/mmseg checkpoint of the model of config MODEL")
     p.add_argument("--model-args", default="{}", type=json.loads, metavar="JSON",
                    help="keyword arguments for timm.create_model (e.g. num_classes of the checkpoint's head)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -55,14 +64,30 @@ def convert(model_name: str, checkpoint: Path, out: Path, model_args: dict, over
     return save_hub_folder(model, out, card=card, overwrite=overwrite)
 
 
+def convert_det(config: str, checkpoint: Path, out: Path, overwrite: bool = False) -> Path:
+    from attnzoo.det.checkpoint import convert_mm_checkpoint
+    from attnzoo.det.runner import load_config
+
+    if out.exists() and not overwrite:
+        raise InputError(f"output file {out} exists (pass --overwrite to replace it)")
+    cfg = load_config(argparse.Namespace(config=config, cfg_options={}, data_root=None, checkpoint=str(checkpoint)))
+    return convert_mm_checkpoint(cfg, checkpoint, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        folder = convert(args.model, Path(args.checkpoint), Path(args.out), args.model_args, args.overwrite)
+        if args.det:
+            path = convert_det(args.model, Path(args.checkpoint), Path(args.out), args.overwrite)
+        else:
+            path = convert(args.model, Path(args.checkpoint), Path(args.out), args.model_args, args.overwrite)
     except InputError as e:
         print(f"convert.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {folder}: load it with timm.create_model('local-dir:{folder}', pretrained=True)")
+    if args.det:
+        print(f"wrote {path}: evaluate it with tools/eval.py {args.model} {path}")
+    else:
+        print(f"wrote {path}: load it with timm.create_model('local-dir:{path}', pretrained=True)")
     return 0
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -48,3 +49,17 @@ def load_authors_checkpoint(model: nn.Module, path: str, filter_fn) -> None:
     for k in head:
         state_dict[k] = own[k]
     model.load_state_dict(state_dict, strict=True)
+
+
+def split_output_norms(state_dict: dict, pattern: str) -> tuple[dict, dict]:
+    """(the rest, the output norms as ``out_norms.{i}.*``) of an authors' detection backbone's state_dict, whose
+    norm on the output of stage i has the keys matching ``pattern`` (a regex with the level as its one group,
+    e.g. ``r"norm(\\d+)\\."``) followed by the parameter name."""
+    rest, norms = {}, {}
+    for key, value in state_dict.items():
+        match = re.match(pattern, key)
+        if match:
+            norms[f"out_norms.{match[1]}.{key[match.end():]}"] = value
+        else:
+            rest[key] = value
+    return rest, norms

@@ -37,9 +37,15 @@ from timm.models.maxxvit import window_partition, window_reverse
 
 from ..kernels import channel_attention, window_attention
 from ._common import check_image_batch
+from ._pretrained import split_output_norms
 from ._windows import pad_to_multiple, padding_key_mask
 
-__all__ = ["DaVit", "WindowAttention", "ChannelAttention", "DaVitBlock", "WINDOW_PADDING"]
+__all__ = ["DaVit", "WindowAttention", "ChannelAttention", "DaVitBlock", "WINDOW_PADDING",
+           "det_checkpoint_filter_fn"]
+
+# the eps of the LayerNorm the authors' detection backbone (dingmyu/davit mmdet/mmdet/models/backbones/davit.py)
+# puts on each output, ``norm{i}`` = nn.LayerNorm(dim); read by attnzoo.det.AttnzooBackbone(out_norm=True)
+DET_OUT_NORM_EPS = 1e-5
 
 
 WINDOW_PADDING = ("zeros", "masked")
@@ -225,6 +231,16 @@ class DaVit(timm_davit.DaVit):
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
         self._check_input(x)
         return super().forward_intermediates(x, *args, **kwargs)
+
+
+def det_checkpoint_filter_fn(state_dict: dict, model: DaVit) -> dict[str, torch.Tensor]:
+    """The backbone of the authors' detection and segmentation checkpoints → ours (what
+    :class:`attnzoo.det.AttnzooBackbone` loads from an mmdet/mmseg file). Their ``DaViT`` backbone (dingmyu/davit
+    mmdet/mmdet/models/backbones/davit.py, the same in mmseg/) is the MSFT classification layout (``patch_embeds``,
+    ``main_blocks``), which timm's converter maps, without the head, plus an ``nn.LayerNorm`` ``norm{i}`` on the
+    output of every stage, returned as ``out_norms.{i}.*``."""
+    rest, norms = split_output_norms(state_dict, r"norm(\d+)\.")
+    return {**timm_davit.checkpoint_filter_fn(rest, model), **norms}
 
 
 def _create_davit(variant: str, pretrained: bool = False, **kwargs) -> DaVit:

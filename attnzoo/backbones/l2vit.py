@@ -36,14 +36,15 @@ from timm.models.davit import ConvPosEnc
 
 from ..kernels import linear_attention
 from ._common import check_image_batch
-from ._pretrained import load_authors_checkpoint
+from ._pretrained import load_authors_checkpoint, split_output_norms
 from .davit import DaVitBlock, WindowAttention, check_window_padding
 
 # the eps of the LayerNorm the authors' detection backbone puts on each output (object_detection/.../l2vit.py
 # builds nn.LayerNorm(dim)); read by attnzoo.det.AttnzooBackbone(out_norm=True)
 DET_OUT_NORM_EPS = 1e-5
 
-__all__ = ["L2ViT", "LinearAttention", "LocalConcentration", "LinearGlobalBlock", "checkpoint_filter_fn"]
+__all__ = ["L2ViT", "LinearAttention", "LocalConcentration", "LinearGlobalBlock", "checkpoint_filter_fn",
+           "det_checkpoint_filter_fn"]
 
 
 def _pad_to_even(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -299,6 +300,17 @@ def checkpoint_filter_fn(state_dict: dict, model: L2ViT) -> dict[str, torch.Tens
                 key = f"stages.{parts[1]}.blocks.{parts[2]}.{rest}"
         out[key] = value
     return out
+
+
+def det_checkpoint_filter_fn(state_dict: dict, model: L2ViT) -> dict[str, torch.Tensor]:
+    """The backbone of the authors' detection and segmentation checkpoints → ours (what
+    :class:`attnzoo.det.AttnzooBackbone` loads from an mmdet/mmseg file). Their ``L2ViT`` backbone
+    (object_detection/mmdet/models/backbones/l2vit.py, semantic_segmentation/mmseg/models/backbone/l2vit.py, built
+    with ``block_type='mix_local_enhanced_vit'``, ``conv_stem=True``) keeps the classification layout
+    (``downsample_layers``, ``stages.i.j`` with the ``cpe`` ModuleList and ``local_mp``) without the final norm and
+    head, plus an ``nn.LayerNorm`` ``norm{i}`` on each output it returns, returned as ``out_norms.{i}.*``."""
+    rest, norms = split_output_norms(state_dict, r"norm(\d+)\.")
+    return {**checkpoint_filter_fn(rest, model), **norms}
 
 
 def _create_l2vit(variant: str, pretrained: bool = False, **kwargs) -> L2ViT:

@@ -39,9 +39,9 @@ from timm.models._registry import generate_default_cfgs, register_model
 from ..kernels import linear_attention
 from ..kernels.linear.reference import rotate_pairs
 from ._common import check_image_batch
-from ._pretrained import load_authors_checkpoint
+from ._pretrained import load_authors_checkpoint, split_output_norms
 
-__all__ = ["RAVLT", "RalaAttention", "RavltBlock", "checkpoint_filter_fn"]
+__all__ = ["RAVLT", "RalaAttention", "RavltBlock", "checkpoint_filter_fn", "det_checkpoint_filter_fn"]
 
 # the eps of the LayerNorm2d the authors' detection backbone (detection/.../RALA.py, `extra_norms`) puts on each
 # output; read by attnzoo.det.AttnzooBackbone(out_norm=True)
@@ -296,6 +296,16 @@ def checkpoint_filter_fn(state_dict: dict, model: RAVLT) -> dict[str, torch.Tens
                 ".".join(parts[1:])
         out[key] = value
     return out
+
+
+def det_checkpoint_filter_fn(state_dict: dict, model: RAVLT) -> dict[str, torch.Tensor]:
+    """The backbone of the authors' detection and segmentation checkpoints → ours (what
+    :class:`attnzoo.det.AttnzooBackbone` loads from an mmdet/mmseg file). Their ``GLTA`` (detection/mmdet/models/
+    backbones/RALA.py, the same in segmentation/mmseg/...) is the classification layout without the conv head and
+    classifier, plus ``extra_norms.{i}.norm`` (a LayerNorm2d wrapping ``nn.LayerNorm``) on the output of stage i,
+    returned as ``out_norms.{i}.*``."""
+    rest, norms = split_output_norms(state_dict, r"extra_norms\.(\d+)\.norm\.")
+    return {**checkpoint_filter_fn(rest, model), **norms}
 
 
 def _create_ravlt(variant: str, pretrained: bool = False, **kwargs) -> RAVLT:

@@ -11,7 +11,7 @@ to be fed to :class:`attnzoo.det.necks.SimpleFPN`). ``out_channels`` and ``out_s
 
 ``out_norm`` puts a LayerNorm on each output, as the L2ViT and RAVLT authors' detection backbones do (and Swin's),
 with the eps of the family's authors (a family module's ``DET_OUT_NORM_EPS``: L2ViT's ``nn.LayerNorm`` 1e-5,
-RAVLT's ``LayerNorm2d`` 1e-6; 1e-6 for the others);
+RAVLT's ``LayerNorm2d`` 1e-6, DaViT's ``nn.LayerNorm`` 1e-5; 1e-6 for the others);
 ``norm_eval`` keeps every BatchNorm in eval mode while training, as mmdet's ResNet does for the CNN families
 (detection batches of 2 images per GPU are too small for batch statistics).
 
@@ -21,7 +21,13 @@ RAVLT's ``LayerNorm2d`` 1e-6; 1e-6 for the others);
 * a local file: ``.safetensors``, or a ``.pth``/``.bin`` read with ``torch.load(weights_only=True)``;
 * a Hugging Face Hub repository, ``hf-hub:ORG/NAME``;
 * a timm pretrained tag of the same architecture: ``timm/davit_tiny.msft_in1k``, ``davit_tiny.msft_in1k``, or
-  ``timm`` for the model's default tag.
+  ``timm`` for the model's default tag;
+* an authors' mmdetection / mmsegmentation checkpoint (a ``.pth`` whose ``state_dict`` has ``backbone.*`` keys,
+  e.g. RAVLT's ``retinanet_t_1x_12_epoch.pth``): its backbone goes through the family's
+  ``det_checkpoint_filter_fn`` (DaViT, L2ViT, RAVLT) and its output norms into ``out_norms``, so ``out_norm`` must
+  match the file. Keys that do not fit raise an error naming them; levels past ``out_indices`` are dropped. A
+  checkpoint of an attnzoo config (``backbone.model.*`` keys, any family) loads its backbone as it is.
+  (:func:`attnzoo.det.checkpoint.convert_mm_checkpoint` converts the whole model, neck and heads included.)
 
 Model arguments go through to ``timm.create_model``, e.g. ``window_padding='masked'`` for DaViT and L2ViT, whose
 windows are by default padded as timm and the authors pad them (zero tokens attended to, what their detection
@@ -38,10 +44,12 @@ import timm
 import torch
 from mmengine.model import BaseModule
 from timm.layers import LayerNorm2d
-from timm.models._features import FeatureGetterNet
+from timm.models._features import FeatureGetterNet, _module_list
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..hub import InputError, fit_report
+from .checkpoint import read_mm_checkpoint
 from .necks import SimpleFPN
 
 __all__ = ["AttnzooBackbone"]
@@ -91,7 +99,7 @@ class AttnzooBackbone(BaseModule):
         info = self.model.feature_info
         self.out_channels = tuple(info.channels())
         self.out_strides = tuple(info.reduction())
-        eps = getattr(sys.modules[timm.models.model_entrypoint(model_name).__module__], "DET_OUT_NORM_EPS", 1e-6)
+        eps = getattr(self._family(), "DET_OUT_NORM_EPS", 1e-6)
         self.out_norms = nn.ModuleList(LayerNorm2d(c, eps=eps) for c in self.out_channels) if out_norm else None
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
@@ -100,6 +108,10 @@ class AttnzooBackbone(BaseModule):
         net = self.model.model if isinstance(self.model, FeatureGetterNet) else self.model
         net.set_grad_checkpointing(with_cp)
         self._freeze()
+
+    def _family(self):
+        """The module that registers ``model_name`` (its family's converters and constants)."""
+        return sys.modules[timm.models.model_entrypoint(self.model_name).__module__]
 
     def _num_levels(self) -> int:
         return len(timm.create_model(self.model_name, features_only=True, pretrained=False).feature_info)
@@ -162,10 +174,74 @@ class AttnzooBackbone(BaseModule):
             super().init_weights()
 
     def load_pretrained(self, checkpoint: str) -> None:
-        """Load classification weights (see the module docstring for what ``checkpoint`` may be)."""
+        """Load classification weights, or the backbone of an mmdet/mmseg checkpoint (see the module docstring for
+        what ``checkpoint`` may be)."""
+        mm_state_dict = read_mm_checkpoint(checkpoint) if os.path.isfile(checkpoint) else None
+        if mm_state_dict is not None:
+            self.load_state_dict(self.convert_mm_backbone(mm_state_dict, checkpoint))
+            return
         name, overlay = self._source(checkpoint)
         source = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **self._model_kwargs)
         self.model.load_state_dict(source.state_dict())
+
+    def convert_mm_backbone(self, state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+        """This module's state_dict from the ``backbone.*`` weights of an mmdet/mmseg ``state_dict`` (read from
+        ``source``): an authors' checkpoint through the family's ``det_checkpoint_filter_fn`` (the model's weights,
+        and their output norms as ``out_norms``), or one of attnzoo's own configs as it is. An
+        :class:`~attnzoo.hub.InputError` (a ValueError) names the keys that do not fit."""
+        name = f"AttnzooBackbone({self.model_name})"
+        backbone = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
+        if any(k.startswith("model.") for k in backbone):  # trained with attnzoo's configs: our names
+            out, unexpected = backbone, []
+            norms = [k for k in backbone if k.startswith("out_norms.")]
+        else:
+            out, unexpected, norms = self._from_authors_layout(backbone, source)
+        if norms and self.out_norms is None:
+            raise InputError(f"{name}: {source} has output norms ({', '.join(norms[:4])}, ...), which "
+                             f"out_norm=False leaves out; build the backbone with out_norm=True")
+        # the unexpected keys of an authors' file are reported with the converter's names (the timm model's)
+        report = fit_report(self.state_dict(), {**out, **{k: None for k in unexpected}})
+        if report:
+            raise InputError(f"{name}: the backbone of {source} does not fit:{report}")
+        return out
+
+    def _from_authors_layout(self, backbone: dict[str, torch.Tensor], source: str):
+        """(our state_dict, the keys the model does not have, the output norms' keys) of an authors' backbone."""
+        name, family = f"AttnzooBackbone({self.model_name})", self._family().__name__
+        convert = getattr(self._family(), "det_checkpoint_filter_fn", None)
+        if convert is None:
+            raise InputError(f"{name}: {source} is an mmdet/mmseg checkpoint, but the {family} family has no "
+                             f"converter of its authors' detection layout (det_checkpoint_filter_fn)")
+        # the whole model, without weights, for the converter and for the names of its parts
+        with torch.device("meta"):
+            full = timm.create_model(self.model_name, **{k: v for k, v in self._model_kwargs.items()
+                                                         if k not in ("features_only", "out_indices")})
+        try:
+            converted = convert(backbone, full)
+        except (KeyError, IndexError, ValueError) as e:  # a key the converter has no rule for
+            raise InputError(f"{name}: the backbone of {source} is not in the layout of the {family} authors' "
+                             f"detection backbone ({type(e).__name__}: {e})") from None
+        full_keys = set(full.state_dict())
+        # timm's features_only wrapper keeps the model's children up to the last level, a Sequential's children
+        # flattened into it as 'stages_0' (the names timm's FeatureListNet gives them)
+        parts = {old: new for flatten in (False, True) for new, old, _ in _module_list(full, flatten)}
+        kept = dict(self.model.named_children())
+        prefixes = sorted(((old, new) for old, new in parts.items() if new in kept), key=lambda p: -len(p[0]))
+        levels = list(self.model.feature_info.out_indices)
+        out, unexpected, norms = {}, [], []
+        for key, value in converted.items():
+            if key.startswith("out_norms."):
+                norms.append(key)
+                _, level, param = key.split(".", 2)
+                if int(level) in levels:  # the authors' norm of a level this backbone does not return is unused
+                    out[f"out_norms.{levels.index(int(level))}.{param}"] = value
+            elif key in full_keys:  # a part past the last level kept, or the head, is unused
+                old = next((old for old, _ in prefixes if key.startswith(old + ".")), None)
+                if old is not None:
+                    out[f"model.{parts[old]}{key[len(old):]}"] = value
+            else:
+                unexpected.append(key)
+        return out, unexpected, norms
 
     def _source(self, checkpoint: str) -> tuple[str, dict]:
         """(timm model name, pretrained_cfg overlay) that make timm load ``checkpoint``."""

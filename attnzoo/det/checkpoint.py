@@ -21,6 +21,14 @@ writing through :class:`AtomicLocalBackend`, which writes a hidden temporary fil
 it into place. mmengine writes its ``last_checkpoint`` pointer only after the checkpoint is complete, so the
 pointer never names a partial file (``attnzoo.det.runner`` reads it, falling back to the newest complete file).
 
+The authors' checkpoints. DaViT's, L2ViT's and RAVLT's authors trained their detectors and segmentors with
+mmdet 2.x / mmseg 0.x, whose checkpoints are ``{'meta': ..., 'state_dict': {'backbone.*', 'neck.*', heads},
+'optimizer': ...}``. :func:`read_mm_checkpoint` reads one under ``weights_only=True`` (numpy's number and array
+rebuilders allow-listed, for the scores an mmcv 1.x evaluation hook leaves in ``meta``);
+``AttnzooBackbone(init_cfg=dict(type='Pretrained', checkpoint=FILE))`` loads its backbone, and
+:func:`convert_mm_checkpoint` writes the whole model as a checkpoint of an attnzoo config, which
+``tools/eval.py CONFIG CHECKPOINT`` (mmengine's ``load_checkpoint``) takes strictly.
+
 Finally, resumption that reproduces the uninterrupted run. mmengine restores the weights, optimizer, schedulers
 and iteration, and replays the data loader up to the resumed iteration (so the data order and the numpy-drawn
 augmentations repeat), but not torch's RNG, from which stochastic depth and the RPN's sampler draw inside the
@@ -30,7 +38,9 @@ how the run got to that iteration.
 """
 from __future__ import annotations
 
+import io
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +51,7 @@ from mmengine.logging import HistoryBuffer
 from mmengine.registry import HOOKS
 
 __all__ = ["AtomicCheckpointHook", "AtomicLocalBackend", "SeedEachIterationHook", "WeightsOnlyCheckpointHook",
-           "allow_mmengine_globals", "NUMPY_GLOBALS"]
+           "allow_mmengine_globals", "convert_mm_checkpoint", "read_mm_checkpoint", "NUMPY_GLOBALS"]
 
 # what pickle calls to rebuild an ndarray (``_reconstruct(ndarray, shape, dtype)`` then its raw bytes) and a
 # numpy scalar (``scalar(dtype, bytes)``), and the dtype classes of bool and numbers (not of Python objects)
@@ -138,3 +148,76 @@ class SeedEachIterationHook(Hook):
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         torch.manual_seed(int(np.random.SeedSequence([runner.seed, runner.iter]).generate_state(1)[0]))
+
+
+def _read(path: str | os.PathLike) -> object:
+    with torch.serialization.safe_globals(NUMPY_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _is_mm_checkpoint(checkpoint: object) -> bool:
+    state_dict = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    return isinstance(state_dict, dict) and any(isinstance(k, str) and k.startswith("backbone.") for k in state_dict)
+
+
+def read_mm_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The ``state_dict`` of an mmdet/mmseg checkpoint (one with ``backbone.*`` weights) at ``path``, read with
+    ``torch.load(weights_only=True)``; None for any other file, or one that this restricted load refuses (a
+    ``.safetensors`` file, a classification checkpoint: their own loaders read them)."""
+    if Path(path).suffix == ".safetensors":
+        return None
+    try:
+        checkpoint = _read(path)
+    except (pickle.UnpicklingError, RuntimeError, EOFError):
+        return None
+    return checkpoint["state_dict"] if _is_mm_checkpoint(checkpoint) else None
+
+
+def convert_mm_checkpoint(cfg, source: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the authors' mmdet 2.x / mmseg 0.x checkpoint ``source`` as a checkpoint of the model of ``cfg`` (an
+    attnzoo config with an ``AttnzooBackbone``, as mmengine's ``Config``) at ``out``, atomically.
+
+    The backbone's keys go through :meth:`AttnzooBackbone.convert_mm_backbone` (``backbone.model.*``,
+    ``backbone.out_norms.*``); the neck's and heads' keys carry over unchanged: mmdet 3.x / mmseg 1.x name the
+    parameters of the modules in attnzoo's configs (FPN, RetinaHead, RPNHead, Shared2FCBBoxHead, FCNMaskHead,
+    the cascade's lists of them, UPerHead, FPNHead, FCNHead) as mmdet 2.x / mmseg 0.x did. The result must fit the
+    model exactly (an :class:`~attnzoo.hub.InputError` names the keys that do not); the classes in the source's
+    ``meta`` go into ``meta.dataset_meta``."""
+    from mmengine.registry import init_default_scope
+
+    from ..hub import InputError, fit_report
+
+    source = Path(source)
+    if not source.is_file():
+        raise InputError(f"checkpoint {source} does not exist")
+    try:
+        checkpoint = _read(source)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise InputError(f"checkpoint {source} cannot be read with torch.load(weights_only=True): {e}") from None
+    if not _is_mm_checkpoint(checkpoint):
+        raise InputError(f"checkpoint {source} is not an mmdet/mmseg checkpoint (a dict whose 'state_dict' has "
+                         f"backbone.* keys)")
+    init_default_scope(cfg.default_scope)
+    models = __import__(f"{cfg.default_scope}.registry", fromlist=["MODELS"]).MODELS
+    model_cfg = cfg.model.copy()
+    model_cfg.backbone = dict(model_cfg.backbone, init_cfg=None)
+    with torch.device("meta"):  # names and shapes only
+        model = models.build(model_cfg)
+    if not hasattr(model.backbone, "convert_mm_backbone"):
+        raise InputError(f"the model of this config has a {type(model.backbone).__name__} backbone; "
+                         f"convert_mm_checkpoint converts into attnzoo's AttnzooBackbone")
+    state_dict = checkpoint["state_dict"]
+    converted = {f"backbone.{k}": v for k, v in model.backbone.convert_mm_backbone(state_dict, str(source)).items()}
+    converted.update((k, v) for k, v in state_dict.items() if not k.startswith("backbone."))
+    own = model.state_dict()
+    report = fit_report(own, converted)
+    if report:
+        raise InputError(f"checkpoint {source} does not fit the model of the config:{report}")
+    meta = dict(converted_from=source.name)
+    classes = (checkpoint.get("meta") or {}).get("CLASSES")
+    if classes:
+        meta["dataset_meta"] = dict(classes=tuple(classes))
+    buffer = io.BytesIO()
+    torch.save(dict(meta=meta, state_dict={k: converted[k] for k in own}), buffer)
+    AtomicLocalBackend().put(buffer.getvalue(), out)
+    return Path(out)

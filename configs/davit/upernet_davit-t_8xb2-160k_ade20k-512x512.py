@@ -1,5 +1,6 @@
 # DaViT-T (dingmyu/davit README): RetinaNet 1x 44.0 AP; Mask R-CNN 1x 45.0 / 41.1, 3x 47.4 / 42.9;
-# UperNet 160k ADE20K 46.3 mIoU. drop_path 0.2 as in DaViT's own mmdet configs.
+# UperNet 160k ADE20K 46.3 mIoU. drop_path 0.2 as in DaViT's own mmdet configs; their
+# backbone puts a LayerNorm on each output (out_norm), which their checkpoints carry.
 _base_ = [
     '../_base_/models/upernet_attnzoo.py', '../_base_/datasets/ade20k.py',
     '../_base_/schedules/adamw_160k.py', '../_base_/default_runtime_seg.py',
@@ -7,7 +8,7 @@ _base_ = [
 crop_size = (512, 512)
 model = dict(
     data_preprocessor=dict(size=crop_size),
-    backbone=dict(model_name='davit_tiny', out_indices=(0, 1, 2, 3), drop_path_rate=0.3,
+    backbone=dict(model_name='davit_tiny', out_norm=True, out_indices=(0, 1, 2, 3), drop_path_rate=0.3,
                   init_cfg=dict(type='Pretrained', checkpoint='timm/davit_tiny.msft_in1k')),
     decode_head=dict(in_channels=[96, 192, 384, 768]),
     auxiliary_head=dict(in_channels=384))

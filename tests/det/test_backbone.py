@@ -183,9 +183,10 @@ def test_out_norm_is_a_layer_norm_over_channels_of_each_output():
         torch.testing.assert_close(o, expected)
 
 
-@pytest.mark.parametrize("model_name,eps", [("l2vit_tiny", 1e-5), ("ravlt_t", 1e-6), ("davit_tiny", 1e-6)])
+@pytest.mark.parametrize("model_name,eps", [("l2vit_tiny", 1e-5), ("ravlt_t", 1e-6), ("davit_tiny", 1e-5)])
 def test_out_norm_takes_the_authors_eps(model_name, eps):
-    """L2ViT's authors build nn.LayerNorm(dim) (eps 1e-5) on each output, RAVLT's their LayerNorm2d (1e-6)."""
+    """L2ViT's and DaViT's authors build nn.LayerNorm(dim) (eps 1e-5) on each output, RAVLT's their LayerNorm2d
+    (1e-6)."""
     backbone = AttnzooBackbone(model_name, out_norm=True)
     assert [norm.eps for norm in backbone.out_norms] == [eps] * len(backbone.out_norms)
 
