@@ -106,50 +106,69 @@ def _ela_gate_bwd(x_ptr, ah_ptr, aw_ptr, dy_ptr, dx_ptr, dah_ptr, daw_ptr, H, W,
     tl.store(daw_ptr + plane * W + cols, daw.to(daw_ptr.dtype.element_ty), mask=cols < W)
 
 
+def _ela_pool_forward(x):
+    """(x_h, x_w): the row and column means of x [B, C, H, W]."""
+    B, C, H, W = x.shape
+    x = x.contiguous()
+    x_h = torch.empty(B, C, H, device=x.device, dtype=x.dtype)
+    x_w = torch.empty(B, C, W, device=x.device, dtype=x.dtype)
+    block_h, block_w = _row_blocks(H, W)
+    _ela_pool_fwd[(B * C,)](x, x_h, x_w, H, W, BLOCK_H=block_h, BLOCK_W=block_w)
+    return x_h, x_w
+
+
+def _ela_pool_backward(shape, dx_h, dx_w):
+    """dx of the [B, C, H, W] input ``shape`` from the gradients of x_h and x_w (either may be None)."""
+    B, C, H, W = shape
+    like = dx_h if dx_h is not None else dx_w
+    dx_h = torch.zeros(B, C, H, device=like.device, dtype=like.dtype) if dx_h is None else dx_h.contiguous()
+    dx_w = torch.zeros(B, C, W, device=like.device, dtype=like.dtype) if dx_w is None else dx_w.contiguous()
+    dx = torch.empty(shape, device=like.device, dtype=like.dtype)
+    block_h, block_w = _row_blocks(H, W)
+    _ela_pool_bwd[(B * C,)](dx_h, dx_w, dx, H, W, BLOCK_H=block_h, BLOCK_W=block_w)
+    return dx
+
+
+def _ela_gate_forward(x, a_h, a_w):
+    B, C, H, W = x.shape
+    x, a_h, a_w = x.contiguous(), a_h.contiguous(), a_w.contiguous()
+    y = torch.empty_like(x)
+    block_h, block_w = _row_blocks(H, W)
+    _ela_gate_fwd[(B * C,)](x, a_h, a_w, y, H, W, BLOCK_H=block_h, BLOCK_W=block_w)
+    return y
+
+
+def _ela_gate_backward(x, a_h, a_w, dy):
+    """(dx, da_h, da_w)."""
+    B, C, H, W = x.shape
+    x, a_h, a_w = x.contiguous(), a_h.contiguous(), a_w.contiguous()
+    dx, da_h, da_w = torch.empty_like(x), torch.empty_like(a_h), torch.empty_like(a_w)
+    block_h, block_w = _row_blocks(H, W)
+    _ela_gate_bwd[(B * C,)](x, a_h, a_w, dy.contiguous(), dx, da_h, da_w, H, W,
+                            BLOCK_H=block_h, BLOCK_W=block_w)
+    return dx, da_h, da_w
+
+
 class _ElaPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        B, C, H, W = x.shape
-        x = x.contiguous()
-        x_h = torch.empty(B, C, H, device=x.device, dtype=x.dtype)
-        x_w = torch.empty(B, C, W, device=x.device, dtype=x.dtype)
-        block_h, block_w = _row_blocks(H, W)
-        _ela_pool_fwd[(B * C,)](x, x_h, x_w, H, W, BLOCK_H=block_h, BLOCK_W=block_w)
         ctx.shape = x.shape
-        return x_h, x_w
+        return _ela_pool_forward(x)
 
     @staticmethod
     def backward(ctx, dx_h, dx_w):
-        B, C, H, W = ctx.shape
-        like = dx_h if dx_h is not None else dx_w
-        dx_h = torch.zeros(B, C, H, device=like.device, dtype=like.dtype) if dx_h is None else dx_h.contiguous()
-        dx_w = torch.zeros(B, C, W, device=like.device, dtype=like.dtype) if dx_w is None else dx_w.contiguous()
-        dx = torch.empty(ctx.shape, device=like.device, dtype=like.dtype)
-        block_h, block_w = _row_blocks(H, W)
-        _ela_pool_bwd[(B * C,)](dx_h, dx_w, dx, H, W, BLOCK_H=block_h, BLOCK_W=block_w)
-        return dx
+        return _ela_pool_backward(ctx.shape, dx_h, dx_w)
 
 
 class _ElaGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a_h, a_w):
-        B, C, H, W = x.shape
-        x, a_h, a_w = x.contiguous(), a_h.contiguous(), a_w.contiguous()
-        y = torch.empty_like(x)
-        block_h, block_w = _row_blocks(H, W)
-        _ela_gate_fwd[(B * C,)](x, a_h, a_w, y, H, W, BLOCK_H=block_h, BLOCK_W=block_w)
         ctx.save_for_backward(x, a_h, a_w)
-        return y
+        return _ela_gate_forward(x, a_h, a_w)
 
     @staticmethod
     def backward(ctx, dy):
-        x, a_h, a_w = ctx.saved_tensors
-        B, C, H, W = x.shape
-        dx, da_h, da_w = torch.empty_like(x), torch.empty_like(a_h), torch.empty_like(a_w)
-        block_h, block_w = _row_blocks(H, W)
-        _ela_gate_bwd[(B * C,)](x, a_h, a_w, dy.contiguous(), dx, da_h, da_w, H, W,
-                                BLOCK_H=block_h, BLOCK_W=block_w)
-        return dx, da_h, da_w
+        return _ela_gate_backward(*ctx.saved_tensors, dy)
 
 
 def ela_pool_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,32 +253,44 @@ def _position_block(N: int) -> int:
     return triton.next_power_of_2(N) if interpreting() else min(MAX_POSITIONS, triton.next_power_of_2(N))
 
 
+def _subspace_forward(x, logits):
+    """(y, lse): the gated map and the fp32 [B·G] log-sum-exp of each subspace's logits."""
+    B, C, H, W = x.shape
+    G, N = logits.shape[1], H * W
+    x, logits = x.contiguous(), logits.contiguous()
+    y = torch.empty_like(x)
+    lse = torch.empty(B * G, device=x.device, dtype=torch.float32)
+    block = _position_block(N)
+    _subspace_fwd[(B * G, triton.cdiv(N, block))](x, logits, y, lse, C // G, N, BLOCK=block)
+    return y, lse
+
+
+def _subspace_backward(x, logits, lse, dy):
+    """(dx, dlogits)."""
+    B, C, H, W = x.shape
+    G, N = logits.shape[1], H * W
+    x, logits = x.contiguous(), logits.contiguous()
+    block = _position_block(N)
+    grid = (B * G, triton.cdiv(N, block))
+    dx = torch.empty_like(x)
+    da = torch.empty(B * G, N, device=x.device, dtype=torch.float32)
+    _subspace_bwd_dx[grid](x, logits, lse, dy.contiguous(), dx, da, C // G, N, BLOCK=block)
+    dl = torch.empty_like(logits)
+    _subspace_bwd_dl[grid](logits, lse, da, dl, N, BLOCK=block)
+    return dx, dl
+
+
 class _SubspaceAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, logits):
-        B, C, H, W = x.shape
-        G, N = logits.shape[1], H * W
-        x, logits = x.contiguous(), logits.contiguous()
-        y = torch.empty_like(x)
-        lse = torch.empty(B * G, device=x.device, dtype=torch.float32)
-        block = _position_block(N)
-        _subspace_fwd[(B * G, triton.cdiv(N, block))](x, logits, y, lse, C // G, N, BLOCK=block)
+        y, lse = _subspace_forward(x, logits)
         ctx.save_for_backward(x, logits, lse)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, logits, lse = ctx.saved_tensors
-        B, C, H, W = x.shape
-        G, N = logits.shape[1], H * W
-        block = _position_block(N)
-        grid = (B * G, triton.cdiv(N, block))
-        dx = torch.empty_like(x)
-        da = torch.empty(B * G, N, device=x.device, dtype=torch.float32)
-        _subspace_bwd_dx[grid](x, logits, lse, dy.contiguous(), dx, da, C // G, N, BLOCK=block)
-        dl = torch.empty_like(logits)
-        _subspace_bwd_dl[grid](logits, lse, da, dl, N, BLOCK=block)
-        return dx, dl
+        return _subspace_backward(x, logits, lse, dy)
 
 
 def subspace_attention_fused(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,7 @@ def _rollout_kernel(
     tl.store(out_ptr + bh * N + offs_n, acc, mask=offs_n < N)
 
 
-def rollout_step_fused(q: torch.Tensor, k: torch.Tensor, r: torch.Tensor, scale: float) -> torch.Tensor:
+def _forward(q: torch.Tensor, k: torch.Tensor, r: torch.Tensor, scale: float) -> torch.Tensor:
     """The two passes (arguments validated by :func:`attnzoo.kernels.rollout_step`; r is [B, H, N])."""
     B, H, N, D = q.shape
     BLOCK_D = max(16, triton.next_power_of_2(D))
@@ -111,3 +111,8 @@ def rollout_step_fused(q: torch.Tensor, k: torch.Tensor, r: torch.Tensor, scale:
     _rollout_kernel[(triton.cdiv(N, BLOCK_N), B * H)](
         q, k, r, lse, out, H, N, D, scale, *q.stride(), *k.stride(), *r.stride(), **blocks)
     return out
+
+
+def rollout_step_fused(q: torch.Tensor, k: torch.Tensor, r: torch.Tensor, scale: float) -> torch.Tensor:
+    """The fused rollout step (arguments validated by :func:`attnzoo.kernels.rollout_step`; r is [B, H, N])."""
+    return _forward(q, k, r, scale)
