@@ -113,12 +113,13 @@ def test_triton_many_blocks(name, monkeypatch):
 
 @pytest.mark.parametrize("name", list(OPS))
 def test_triton_gpu_blocks_fp16(name):
-    """The GPU's own blocks (the rule has no interpreter case): a 40 x 64 plane is 2 ELA row blocks of 32 rows,
-    2560 positions are 3 ULSAM blocks of 1024, in fp16 (bf16 launches the same blocks, asserted)."""
-    assert fused.launch_config(40, 64, torch.float16, SM90) == fused.launch_config(40, 64, torch.bfloat16, SM90)
-    assert fused.launch_config(40, 64, torch.float16, SM90)["ela"]["BLOCK_H"] == 32
+    """The GPU's own blocks (the rule has no interpreter case): a 80 x 64 plane is 3 ELA row blocks of 32 rows
+    and 2 ULSAM blocks of 4096 positions, in fp16 (bf16 launches the same blocks, asserted)."""
+    config = fused.launch_config(80, 64, torch.float16, SM90)
+    assert config == fused.launch_config(80, 64, torch.bfloat16, SM90)
+    assert config["ela"]["BLOCK_H"] == 32 and config["ulsam"]["BLOCK"] == 4096
     op, make = OPS[name]
-    inputs = make((1, 4, 40, 64), torch.float16, False)
+    inputs = make((1, 4, 80, 64), torch.float16, False)
     got, _ = _run(op, inputs, "triton")
     same, _ = _run(op, inputs, "reference")
     exact, _ = _run(op, [t.double() for t in inputs], "reference")

@@ -40,13 +40,13 @@ def _outer_sum_kernel(
     sxb, sxg, sxn, sxd, syb, syg, syn, syd,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FOLD: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    """part[bg, s·FOLD + f] = Σ_n x[n, :]ᵀ y[n, :] over fold f of the N-blocks of split s, fp32 [BLOCK_D, BLOCK_D].
+    """part[bg, s] = Σ_n x[n, :]ᵀ y[n, :] over the N-blocks of split s, as a fp32 [BLOCK_D, BLOCK_D] tile.
 
     The state is hd × hd, too few rows for sm_90a's wgmma (64 per warpgroup) when hd < 64. So each block of
     BLOCK_N tokens is folded into FOLD runs of BLOCK_N / FOLD tokens stacked along the rows: the product of the
     [FOLD·BLOCK_D, BLOCK_N / FOLD] and [BLOCK_N / FOLD, FOLD·BLOCK_D] tiles holds the FOLD partial states on its
-    diagonal blocks (the off-diagonal ones, products across runs, are discarded: FOLD× the flops of a
-    memory-bound sum)."""
+    diagonal blocks, summed at the end (the off-diagonal ones, products across runs, are discarded: FOLD× the
+    flops of a memory-bound sum)."""
     bg = tl.program_id(0).to(tl.int64)  # int64: (bg // G) * sxb passes 2**31 on large batches
     split = tl.program_id(1)
     x_ptr += (bg // G) * sxb + (bg % G) * sxg
@@ -63,9 +63,11 @@ def _outer_sum_kernel(
         tok = start + offs_t[:, None] + fold[None, :] * RUN  # [RUN, FOLD·BLOCK_D]
         y = tl.load(y_ptr + tok * syn + dim[None, :] * syd, mask=(tok < N) & (dim[None, :] < D), other=0.0)
         acc += _dot(xt, y, FP32_DOT)
-    slot = (bg * tl.num_programs(1) + split) * FOLD + fold[:, None]
-    tl.store(part_ptr + (slot * BLOCK_D + dim[:, None]) * BLOCK_D + dim[None, :], acc,
-             mask=fold[:, None] == fold[None, :])
+    acc = tl.where(fold[:, None] == fold[None, :], acc, 0.0)  # the FOLD diagonal blocks, summed:
+    state = tl.sum(tl.sum(tl.reshape(acc, (FOLD, BLOCK_D, FOLD, BLOCK_D)), axis=2), axis=0)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile = (bg * tl.num_programs(1) + split) * BLOCK_D * BLOCK_D
+    tl.store(part_ptr + tile + offs_d[:, None] * BLOCK_D + offs_d[None, :], state)
 
 
 @triton.jit
@@ -145,7 +147,9 @@ def launch_config(B: int, G: int, N: int, D: int, dtype: torch.dtype, target: Ta
 
     fp16/bf16 stream 128-token blocks through the tensor cores (mma.sync on sm_80, wgmma on sm_90a); fp32 takes
     64 (its exact products run on the FMA units, where 128 spills the kᵀv reduction on sm_80). The reductions
-    fold a block into FOLD runs so that their tiles have the 64 rows wgmma needs (see _outer_sum_kernel). The reduction is
+    fold a block into FOLD runs so that their tiles have the 64 rows wgmma needs (see _outer_sum_kernel). Each
+    apply program sums all `splits` partials of its group: the split trades that re-read for reduction
+    parallelism. The reduction is
     split until B·G·splits programs fill the target 4 times over (DaViT's few groups per image would otherwise
     leave SMs idle at 800 x 1333). A head dim over 64 doubles the warps. Never depends on the interpreter, so
     the CPU tests run what a GPU runs.
@@ -173,13 +177,12 @@ class _Launch:
         self.blocks_per_split = triton.cdiv(self.n_blocks, min(splits, self.n_blocks))
         self.splits = triton.cdiv(self.n_blocks, self.blocks_per_split)
         self.fold = config["FOLD"] if self.BLOCK_N >= 16 * config["FOLD"] else 1  # a run: >= 16 tokens (dot's K)
-        self.partials = self.splits * self.fold  # fp32 partial states per (image, group)
         self.fp32_dot = fp32_dot(q.dtype)
         self.num_warps = config["num_warps"]
 
     def outer_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """[B·G, splits·fold, BLOCK_D, BLOCK_D] fp32 partials of xᵀ y."""
-        part = torch.empty(self.BG, self.partials, self.BLOCK_D, self.BLOCK_D, device=x.device,
+        """[B·G, splits, BLOCK_D, BLOCK_D] fp32 partials of xᵀ y."""
+        part = torch.empty(self.BG, self.splits, self.BLOCK_D, self.BLOCK_D, device=x.device,
                            dtype=torch.float32)
         _outer_sum_kernel[(self.BG, self.splits)](
             x, y, part, x.shape[1], self.N, self.D, self.blocks_per_split, *x.stride(), *y.stride(),
@@ -193,7 +196,7 @@ def _forward(q, k, v, scale: float, launch: _Launch):
     attn = torch.empty(launch.BG, launch.D, launch.D, device=q.device, dtype=torch.float32)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     _fwd_apply_kernel[(launch.BG, launch.n_blocks)](
-        q, part, attn, out, q.shape[1], launch.N, launch.D, launch.partials, scale, *q.stride(), *out.stride(),
+        q, part, attn, out, q.shape[1], launch.N, launch.D, launch.splits, scale, *q.stride(), *out.stride(),
         BLOCK_N=launch.BLOCK_N, BLOCK_D=launch.BLOCK_D, FP32_DOT=launch.fp32_dot, num_warps=launch.num_warps)
     return out, attn
 
@@ -202,7 +205,7 @@ def _backward(q, k, v, attn, d_out, scale: float, launch: _Launch):
     part = launch.outer_sum(d_out, q)
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     _bwd_apply_kernel[(launch.BG, launch.n_blocks)](
-        k, v, d_out, attn, part, dq, dk, dv, q.shape[1], launch.N, launch.D, launch.partials, scale,
+        k, v, d_out, attn, part, dq, dk, dv, q.shape[1], launch.N, launch.D, launch.splits, scale,
         *k.stride(), *v.stride(), *d_out.stride(), *dq.stride(),
         BLOCK_N=launch.BLOCK_N, BLOCK_D=launch.BLOCK_D, FP32_DOT=launch.fp32_dot, num_warps=launch.num_warps)
     return dq, dk, dv

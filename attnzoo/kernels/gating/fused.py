@@ -22,7 +22,7 @@ from .._triton import Target, target_of, unsupported_input
 
 MAX_W = 4096
 MAX_BLOCK = 2048  # elements of a plane an ELA program holds at once (more when one row is longer)
-MAX_POSITIONS = 1024  # positions of a block in the ULSAM kernels
+MAX_POSITIONS = 4096  # positions of a block in the ULSAM kernels (each program re-reads its plane's logits)
 
 
 def unsupported(x: torch.Tensor) -> str | None:
@@ -44,8 +44,12 @@ def launch_config(H: int, W: int, dtype: torch.dtype, target: Target) -> dict:
     block_w = triton.next_power_of_2(W)
     block_h = min(triton.next_power_of_2(H), max(1, MAX_BLOCK // block_w))
     block = min(MAX_POSITIONS, triton.next_power_of_2(H * W))
-    return dict(ela=dict(BLOCK_H=block_h, BLOCK_W=block_w, num_warps=min(16, max(4, block_h * block_w // 256))),
-                ulsam=dict(BLOCK=block, num_warps=4))
+    return dict(ela=dict(BLOCK_H=block_h, BLOCK_W=block_w, num_warps=_warps(block_h * block_w)),
+                ulsam=dict(BLOCK=block, num_warps=_warps(block)))
+
+
+def _warps(elements: int) -> int:
+    return min(16, max(4, elements // 256))
 
 
 def _ela_blocks(x: torch.Tensor) -> dict:
