@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from attnzoo.kernels import channel_attention, trace, use_backend
-from attnzoo.kernels.channel import fused
 from attnzoo.kernels._triton import SM80, SM90, use_target
+from attnzoo.kernels.channel import fused
 from attnzoo.kernels.channel.reference import channel_attention_reference
 from tests.kernels._util import past_int32_batch
 
