@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from attnzoo.kernels import channel_attention, trace, use_backend
+from attnzoo.kernels._triton import SM80, SM90, use_target
 from attnzoo.kernels.channel import fused
 from attnzoo.kernels.channel.reference import channel_attention_reference
+from tests.kernels._util import past_int32_batch
 
 # max |error| allowed, relative to the largest magnitude of the reference result (or absolute below 1)
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -49,6 +51,33 @@ def test_triton_matches_reference(dtype, shape, transposed_q):
         got = _run(channel_attention, q, k, v, d_out)
     assert calls == [("channel_attention", "triton")]
     _assert_close(got, want, dtype, "triton")
+
+
+@pytest.mark.parametrize("target", [SM90, SM80], ids=lambda t: t.name)
+def test_triton_gpu_blocks_fp16(target):
+    """The target's own launch (128-token blocks, the reduction split over them) on 3 blocks, the last ragged.
+    bf16 launches the same blocks (asserted); the interpreter's bf16 `tl.dot` is wrong, so fp16 data checks them.
+    """
+    shape = (1, 2, 300, 32)
+    config = fused.launch_config(*shape, torch.float16, target)
+    assert fused.launch_config(*shape, torch.bfloat16, target) == config and config["BLOCK_N"] == 128
+    q, k, v = _inputs(*shape, torch.float16, seed=7)
+    d_out = torch.randn(shape, generator=torch.Generator().manual_seed(8)).half()
+    want = _run(_reference_default_scale, q, k, v, d_out)
+    with use_target(target), use_backend("triton"):
+        got = _run(channel_attention, q, k, v, d_out)
+    _assert_close(got, want, torch.float16, target.name)
+
+
+def test_offsets_past_int32():
+    """q, k, v views whose image 2 starts past 2**31 elements: the (bg // G) · stride offsets are int64."""
+    q, k, v = (past_int32_batch((3, 1, 40, 16), torch.float16, seed).requires_grad_() for seed in range(3))
+    d_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).half()
+    want = _run(lambda *t: channel_attention_reference(*t, 0.25),
+                *(t.detach().clone().requires_grad_() for t in (q, k, v)), d_out)
+    with use_backend("triton"):
+        got = _run(lambda *t: channel_attention(*t, scale=0.25), q, k, v, d_out)
+    _assert_close(got, want, torch.float16, "past 2**31")
 
 
 @pytest.mark.parametrize("block_n,splits", [(16, 3), (16, 13), (32, 1)])

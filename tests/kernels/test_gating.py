@@ -3,10 +3,18 @@
 computed by hand; argument checks."""
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from attnzoo.kernels import ela_gate, ela_pool, subspace_attention, trace, use_backend
+from attnzoo.kernels._triton import SM90
 from attnzoo.kernels.gating import fused
 
 from ._util import assert_within_precision
@@ -91,9 +99,8 @@ def test_triton_low_precision(name, dtype):
 
 @pytest.mark.parametrize("name", list(OPS))
 def test_triton_many_blocks(name, monkeypatch):
-    """The GPU blocking (several row blocks per plane, several position blocks per subspace, the last ragged)
-    run under the interpreter by shrinking the blocks."""
-    monkeypatch.setattr(fused, "interpreting", lambda: False)
+    """Several row blocks per plane and several position blocks per subspace, the last ragged, on a small map
+    by shrinking the blocks' limits."""
     monkeypatch.setattr(fused, "MAX_BLOCK", 16)
     monkeypatch.setattr(fused, "MAX_POSITIONS", 16)
     op, make = OPS[name]
@@ -102,6 +109,73 @@ def test_triton_many_blocks(name, monkeypatch):
     want, _ = _run(op, inputs, "reference")
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_triton_gpu_blocks_fp16(name):
+    """The GPU's own blocks (the rule has no interpreter case): a 80 x 64 plane is 3 ELA row blocks of 32 rows
+    and 2 ULSAM blocks of 4096 positions, in fp16 (bf16 launches the same blocks, asserted)."""
+    config = fused.launch_config(80, 64, torch.float16, SM90)
+    assert config == fused.launch_config(80, 64, torch.bfloat16, SM90)
+    assert config["ela"]["BLOCK_H"] == 32 and config["ulsam"]["BLOCK"] == 4096
+    op, make = OPS[name]
+    inputs = make((1, 4, 80, 64), torch.float16, False)
+    got, _ = _run(op, inputs, "triton")
+    same, _ = _run(op, inputs, "reference")
+    exact, _ = _run(op, [t.double() for t in inputs], "reference")
+    for i, (g, s, e) in enumerate(zip(got, same, exact, strict=True)):
+        assert_within_precision(f"{name} result {i}", g, s, e, torch.float16)
+
+
+# Run without the interpreter (its kernels cannot be lowered): the Triton IR of each kernel, as triton.compile's
+# first stage builds it for sm_90a, and every use of the plane's program id in it.
+_PID_USES = r"""
+import json, re, sys
+import triton
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+from attnzoo.kernels._triton import SM90
+from attnzoo.kernels.gating import fused
+
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+options = backend.parse_options({})
+result = {}
+for name, blocks in json.loads(sys.argv[1]).items():
+    fn = getattr(fused, name)
+    signature = {n: "constexpr" if n in blocks else ("*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = ASTSource(fn, signature, blocks).make_ir(target, options, backend.get_codegen_implementation(options),
+                                                      backend.get_module_map(), context)
+    text = str(module)
+    pid = re.search(r"(%\S+) = tt.get_program_id x : i32", text).group(1)
+    result[name] = [line.strip() for line in text.splitlines() if re.search(re.escape(pid) + r"\b", line)][1:]
+print(json.dumps(result))
+"""
+
+_ELA = dict(BLOCK_H=4, BLOCK_W=64)
+_ULSAM = dict(BLOCK=256)
+_KERNELS = {"_ela_pool_fwd": _ELA, "_ela_pool_bwd": _ELA, "_ela_gate_fwd": _ELA, "_ela_gate_bwd": _ELA,
+            "_subspace_fwd": _ULSAM, "_subspace_bwd_dx": _ULSAM, "_subspace_bwd_dl": _ULSAM}
+
+
+def test_plane_offsets_are_int64():
+    """The kernels take contiguous maps, so no strided view passes 2**31 elements cheaply: instead, in each
+    kernel's Triton IR (lowered for sm_90a, no GPU needed) the plane's program id meets nothing but a widening
+    to int64, so every plane · size offset is a 64-bit product."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run([sys.executable, "-c", _PID_USES, json.dumps(_KERNELS)], env=env, capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    uses = json.loads(out.splitlines()[-1])
+    assert set(uses) == set(_KERNELS)
+    for name, lines in uses.items():
+        assert lines and all(re.fullmatch(r"%\S+ = arith.extsi %\S+ : i32 to i64( loc\(.*\))?", u) for u in lines), (
+            name, lines)
 
 
 def test_reference_by_hand():

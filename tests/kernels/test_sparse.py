@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo.kernels import sparse_attention, trace, use_backend
+from attnzoo.kernels._triton import SM80, SM90, use_target
+from attnzoo.kernels.sparse.fused import launch_config
 from attnzoo.kernels.sparse.reference import sparse_attention_reference
-from tests.kernels._util import assert_within_precision
+from tests.kernels._util import assert_within_precision, past_int32_batch
 
 
 def _inputs(B, H, M, N, D, keep, dtype=torch.float32, seed=0, transposed=False):
@@ -38,7 +40,7 @@ NAMES = ("out", "dq", "dk", "dv")
 
 
 @pytest.mark.parametrize("keep", [1.0, 0.25, 1e-9])  # 1e-9: one key per query
-@pytest.mark.parametrize("shape,transposed", [((2, 2, 49, 49, 24), True), ((1, 3, 196, 197, 64), False)])
+@pytest.mark.parametrize("shape,transposed", [((2, 2, 49, 49, 24), True), ((1, 1, 196, 197, 64), False)])
 def test_triton_matches_reference_fp32(keep, shape, transposed):
     (q, k, v), index = _inputs(*shape, keep, transposed=transposed)
     d_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
@@ -52,18 +54,48 @@ def test_triton_matches_reference_fp32(keep, shape, transposed):
         assert err <= 1e-5 * max(1.0, w.abs().max().item()), f"{name}: {err:.3g}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_matches_reference_low_precision(dtype):
-    (q, k, v), index = _inputs(2, 2, 40, 49, 32, 0.25, seed=2)
+@pytest.mark.parametrize("target", [SM90, SM80], ids=lambda t: t.name)
+@pytest.mark.parametrize("dtype,shape", [
+    (torch.float16, (2, 2, 40, 49, 32)),    # one 64 x 64 tile
+    (torch.float16, (1, 1, 130, 197, 64)),  # 3 query x 4 key blocks: the online softmax and the dK/dV loop
+    (torch.bfloat16, (2, 2, 40, 49, 32)),   # runs the exact fp32 dot under the interpreter (its bf16 dot is
+])                                          # wrong); bf16's tiles are fp16's (asserted), checked above
+def test_triton_matches_reference_low_precision(dtype, shape, target):
+    B, H, M, N, D = shape
+    assert {**launch_config(M, N, D, torch.bfloat16, target), "FP32": False} == launch_config(
+        M, N, D, torch.float16, target)
+    (q, k, v), index = _inputs(*shape, 0.25, seed=2)
     d_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
     exact = _run(_reference, *(t.detach().double().requires_grad_() for t in (q, k, v)), index, d_out.double())
     low = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     same_dtype = _run(_reference_in_dtype, *low, index, d_out.to(dtype))
-    with use_backend("triton"):
+    with use_target(target), use_backend("triton"):
         got = _run(sparse_attention, *low, index, d_out.to(dtype))
     for name, g, s, e in zip(NAMES, got, same_dtype, exact, strict=True):
         assert g.dtype == dtype
         assert_within_precision(name, g, s, e, dtype)
+
+
+def test_offsets_past_int32():
+    """q, k, v views whose image 2 starts past 2**31 elements, forward and gradients: the kernels' b · stride
+    offsets are int64."""
+    q, k, v = (past_int32_batch((3, 1, 40, 16), torch.float16, seed).requires_grad_() for seed in range(3))
+    index = torch.rand(3, 1, 40, 40, generator=torch.Generator().manual_seed(3)).topk(10, dim=-1).indices
+    d_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).half()
+    want = _run(_reference_in_dtype, *(t.detach().float().requires_grad_() for t in (q, k, v)), index,
+                d_out.float())
+    with use_backend("triton"):
+        got = _run(sparse_attention, q, k, v, index, d_out)
+    for name, g, w in zip(NAMES, got, want, strict=True):
+        torch.testing.assert_close(g.float(), w, atol=5e-3, rtol=5e-3, msg=name)
+
+
+def test_repeated_index_counts_once():
+    (q, k, v), index = _inputs(1, 2, 20, 30, 8, 0.2, seed=10)
+    doubled = torch.cat([index, index[..., :2]], dim=-1)
+    with use_backend("triton"):
+        torch.testing.assert_close(sparse_attention(q, k, v, doubled), _reference(q, k, v, index),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def _reference_in_dtype(q, k, v, index):

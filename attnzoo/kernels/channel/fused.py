@@ -13,14 +13,11 @@ the tokens once. Only A (hd × hd per group, fp32) is kept for the backward; eve
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .._triton import dot, fp32_dot, unsupported_input
-from ..dispatch import interpreting
+from .._triton import Target, dot, fp32_dot, target_of, unsupported_input
 
 MAX_D = 128
 
@@ -41,24 +38,36 @@ def _outer_sum_kernel(
     x_ptr, y_ptr, part_ptr,
     G, N, D, blocks_per_split,
     sxb, sxg, sxn, sxd, syb, syg, syn, syd,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FOLD: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    """part[bg, s] = Σ_n x[n, :]ᵀ y[n, :] over the N-blocks of split s, as a fp32 [BLOCK_D, BLOCK_D] tile."""
-    bg = tl.program_id(0)
+    """part[bg, s] = Σ_n x[n, :]ᵀ y[n, :] over the N-blocks of split s, as a fp32 [BLOCK_D, BLOCK_D] tile.
+
+    The state is hd × hd, too few rows for sm_90a's wgmma (64 per warpgroup) when hd < 64. So each block of
+    BLOCK_N tokens is folded into FOLD runs of BLOCK_N / FOLD tokens stacked along the rows: the product of the
+    [FOLD·BLOCK_D, BLOCK_N / FOLD] and [BLOCK_N / FOLD, FOLD·BLOCK_D] tiles holds the FOLD partial states on its
+    diagonal blocks, summed at the end (the off-diagonal ones, products across runs, are discarded: FOLD× the
+    flops of a memory-bound sum)."""
+    bg = tl.program_id(0).to(tl.int64)  # int64: (bg // G) * sxb passes 2**31 on large batches
     split = tl.program_id(1)
     x_ptr += (bg // G) * sxb + (bg % G) * sxg
     y_ptr += (bg // G) * syb + (bg % G) * syg
-    offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    RUN: tl.constexpr = BLOCK_N // FOLD
+    rows = tl.arange(0, FOLD * BLOCK_D)  # (fold, dim) pairs
+    fold, dim = rows // BLOCK_D, rows % BLOCK_D
+    offs_t = tl.arange(0, RUN)
+    acc = tl.zeros((FOLD * BLOCK_D, FOLD * BLOCK_D), dtype=tl.float32)
     for i in range(blocks_per_split):
-        offs_n = (split * blocks_per_split + i) * BLOCK_N + tl.arange(0, BLOCK_N)
-        xt = tl.load(x_ptr + offs_d[:, None] * sxd + offs_n[None, :] * sxn,
-                     mask=(offs_d[:, None] < D) & (offs_n[None, :] < N), other=0.0)  # [BLOCK_D, BLOCK_N]
-        y = tl.load(y_ptr + offs_n[:, None] * syn + offs_d[None, :] * syd,
-                    mask=(offs_n[:, None] < N) & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
+        start = (split * blocks_per_split + i) * BLOCK_N
+        tok_t = start + fold[:, None] * RUN + offs_t[None, :]  # [FOLD·BLOCK_D, RUN]: token of (row, column)
+        xt = tl.load(x_ptr + dim[:, None] * sxd + tok_t * sxn, mask=(dim[:, None] < D) & (tok_t < N), other=0.0)
+        tok = start + offs_t[:, None] + fold[None, :] * RUN  # [RUN, FOLD·BLOCK_D]
+        y = tl.load(y_ptr + tok * syn + dim[None, :] * syd, mask=(tok < N) & (dim[None, :] < D), other=0.0)
         acc += _dot(xt, y, FP32_DOT)
+    acc = tl.where(fold[:, None] == fold[None, :], acc, 0.0)  # the FOLD diagonal blocks, summed:
+    state = tl.sum(tl.sum(tl.reshape(acc, (FOLD, BLOCK_D, FOLD, BLOCK_D)), axis=2), axis=0)
+    offs_d = tl.arange(0, BLOCK_D)
     tile = (bg * tl.num_programs(1) + split) * BLOCK_D * BLOCK_D
-    tl.store(part_ptr + tile + offs_d[:, None] * BLOCK_D + offs_d[None, :], acc)
+    tl.store(part_ptr + tile + offs_d[:, None] * BLOCK_D + offs_d[None, :], state)
 
 
 @triton.jit
@@ -80,7 +89,7 @@ def _fwd_apply_kernel(
 ):
     """A = softmax(scale · Σ partials) over its last dim, out = q Aᵀ for one block of tokens; block 0 saves A.
     """
-    bg = tl.program_id(0)
+    bg = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
     in_d = (offs_d[:, None] < D) & (offs_d[None, :] < D)
@@ -110,7 +119,7 @@ def _bwd_apply_kernel(
 ):
     """dq = dout A, dk = v dSᵀ, dv = k dS for one block of tokens, dS = scale · A ⊙ (dA − rowsum(dA ⊙ A)).
     dq, dk, dv share the strides sg*."""
-    bg = tl.program_id(0)
+    bg = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     b = bg // G
     g = bg % G
@@ -133,30 +142,43 @@ def _bwd_apply_kernel(
     tl.store(dv_ptr + grads, _dot(k, d_state, FP32_DOT).to(dv_ptr.dtype.element_ty), mask=in_nd)
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def launch_config(B: int, G: int, N: int, D: int, dtype: torch.dtype, target: Target) -> dict:
+    """Tokens per block, splits of the N-reduction and warps for q, k, v [B, G, N, hd] of ``dtype`` on ``target``.
+
+    fp16/bf16 stream 128-token blocks through the tensor cores (mma.sync on sm_80, wgmma on sm_90a); fp32 takes
+    64 (its exact products run on the FMA units, where 128 spills the kᵀv reduction on sm_80). The reductions
+    fold a block into FOLD runs so that their tiles have the 64 rows wgmma needs (see _outer_sum_kernel). Each
+    apply program sums all `splits` partials of its group: the split trades that re-read for reduction
+    parallelism. The reduction is
+    split until B·G·splits programs fill the target 4 times over (DaViT's few groups per image would otherwise
+    leave SMs idle at 800 x 1333). A head dim over 64 doubles the warps. Never depends on the interpreter, so
+    the CPU tests run what a GPU runs.
+    """
+    block_d = max(16, triton.next_power_of_2(D))
+    block_n = 64 if dtype == torch.float32 else 128
+    if block_d > 64:
+        block_n //= 2
+    return dict(BLOCK_N=block_n, BLOCK_D=block_d, FOLD=max(1, 64 // block_d),
+                splits=max(1, triton.cdiv(4 * target.num_sms, B * G)), num_warps=4 if block_d <= 64 else 8)
 
 
 class _Launch:
-    """Block sizes and the split of the N-reduction for one [B, G, N, hd] problem."""
+    """Block sizes and the split of the N-reduction for one [B, G, N, hd] problem: :func:`launch_config`,
+    ``block_n`` and ``splits`` overriding its choice (tests)."""
 
     def __init__(self, q: torch.Tensor, block_n: int | None = None, splits: int | None = None):
         B, G, N, D = q.shape
+        config = launch_config(B, G, N, D, q.dtype, target_of(q))
         self.BG, self.N, self.D = B * G, N, D
-        self.BLOCK_D = max(16, triton.next_power_of_2(D))
-        if block_n is None:  # the interpreter's cost grows with the program count: few, large blocks there
-            block_n = min(256, max(16, triton.next_power_of_2(N))) if interpreting() else (
-                128 if self.BLOCK_D <= 64 else 64)
-        self.BLOCK_N = block_n
-        self.n_blocks = triton.cdiv(N, block_n)
-        if splits is None:  # enough programs in the reduction to fill the GPU when B·G alone does not
-            target = 4 * _num_sms(q.device.index or 0) if q.is_cuda else 1
-            splits = max(1, triton.cdiv(target, self.BG))
+        self.BLOCK_D = config["BLOCK_D"]
+        self.BLOCK_N = config["BLOCK_N"] if block_n is None else block_n
+        self.n_blocks = triton.cdiv(N, self.BLOCK_N)
+        splits = config["splits"] if splits is None else splits
         self.blocks_per_split = triton.cdiv(self.n_blocks, min(splits, self.n_blocks))
         self.splits = triton.cdiv(self.n_blocks, self.blocks_per_split)
+        self.fold = config["FOLD"] if self.BLOCK_N >= 16 * config["FOLD"] else 1  # a run: >= 16 tokens (dot's K)
         self.fp32_dot = fp32_dot(q.dtype)
-        self.num_warps = 4 if self.BLOCK_D <= 64 else 8
+        self.num_warps = config["num_warps"]
 
     def outer_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """[B·G, splits, BLOCK_D, BLOCK_D] fp32 partials of xᵀ y."""
@@ -164,7 +186,8 @@ class _Launch:
                            dtype=torch.float32)
         _outer_sum_kernel[(self.BG, self.splits)](
             x, y, part, x.shape[1], self.N, self.D, self.blocks_per_split, *x.stride(), *y.stride(),
-            BLOCK_N=self.BLOCK_N, BLOCK_D=self.BLOCK_D, FP32_DOT=self.fp32_dot, num_warps=self.num_warps)
+            BLOCK_N=self.BLOCK_N, BLOCK_D=self.BLOCK_D, FOLD=self.fold, FP32_DOT=self.fp32_dot,
+            num_warps=self.num_warps)
         return part
 
 

@@ -18,12 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import unsupported_input
-from ..dispatch import interpreting
+from .._triton import Target, target_of, unsupported_input
 
 MAX_W = 4096
-MAX_BLOCK = 4096  # elements of a plane an ELA program holds at once
-MAX_POSITIONS = 1024  # positions of a block in the ULSAM kernels
+MAX_BLOCK = 2048  # elements of a plane an ELA program holds at once (more when one row is longer)
+MAX_POSITIONS = 4096  # positions of a block in the ULSAM kernels (each program re-reads its plane's logits)
 
 
 def unsupported(x: torch.Tensor) -> str | None:
@@ -31,12 +30,34 @@ def unsupported(x: torch.Tensor) -> str | None:
     return unsupported_input(x, "x", MAX_W, "a width", "W")
 
 
-def _row_blocks(H: int, W: int) -> tuple[int, int]:
-    """(BLOCK_H, BLOCK_W): whole rows, as many as fit in MAX_BLOCK elements (the whole plane under the
-    interpreter, whose cost grows with the number of steps)."""
+def launch_config(H: int, W: int, dtype: torch.dtype, target: Target) -> dict:
+    """The blocks of the kernels on [B, C, H, W] maps of ``dtype`` on ``target``: ``"ela"`` (BLOCK_H whole rows
+    of BLOCK_W, at most MAX_BLOCK elements unless one row is longer) and ``"ulsam"`` (BLOCK of the H·W
+    positions, at most MAX_POSITIONS), each with its warps.
+
+    The kernels are memory-bound and elementwise: the rule keeps 8-16 elements of each live tensor per thread,
+    warps growing with the block (1 warp per 256 elements, 4 to 16), which holds every fp32/fp16/bf16 kernel in
+    registers on sm_80 and sm_90a (4096-element blocks on 4 warps spilled the ELA gate backward on sm_90a).
+    Not dtype- or target-dependent today; never interpreter-dependent, so the CPU tests run the GPU's blocks.
+    """
+    del dtype, target
     block_w = triton.next_power_of_2(W)
-    limit = triton.next_power_of_2(H) if interpreting() else max(1, MAX_BLOCK // block_w)
-    return min(triton.next_power_of_2(H), limit), block_w
+    block_h = min(triton.next_power_of_2(H), max(1, MAX_BLOCK // block_w))
+    block = min(MAX_POSITIONS, triton.next_power_of_2(H * W))
+    return dict(ela=dict(BLOCK_H=block_h, BLOCK_W=block_w, num_warps=_warps(block_h * block_w)),
+                ulsam=dict(BLOCK=block, num_warps=_warps(block)))
+
+
+def _warps(elements: int) -> int:
+    return min(16, max(4, elements // 256))
+
+
+def _ela_blocks(x: torch.Tensor) -> dict:
+    return launch_config(x.shape[-2], x.shape[-1], x.dtype, target_of(x))["ela"]
+
+
+def _ulsam_blocks(x: torch.Tensor) -> dict:
+    return launch_config(x.shape[-2], x.shape[-1], x.dtype, target_of(x))["ulsam"]
 
 
 # ---------------------------------------------------------------------------------------------------- ELA
@@ -107,22 +128,22 @@ def _ela_gate_bwd(x_ptr, ah_ptr, aw_ptr, dy_ptr, dx_ptr, dah_ptr, daw_ptr, H, W,
 
 
 def _ela_pool_forward(x):
+    """(x_h, x_w): the row and column means of x [B, C, H, W]."""
     B, C, H, W = x.shape
     x = x.contiguous()
     x_h = torch.empty(B, C, H, device=x.device, dtype=x.dtype)
     x_w = torch.empty(B, C, W, device=x.device, dtype=x.dtype)
-    block_h, block_w = _row_blocks(H, W)
-    _ela_pool_fwd[(B * C,)](x, x_h, x_w, H, W, BLOCK_H=block_h, BLOCK_W=block_w)
+    _ela_pool_fwd[(B * C,)](x, x_h, x_w, H, W, **_ela_blocks(x))
     return x_h, x_w
 
 
 def _ela_pool_backward(dx_h, dx_w):
+    """dx [B, C, H, W] from the gradients of x_h [B, C, H] and x_w [B, C, W]."""
     B, C, H = dx_h.shape
     W = dx_w.shape[-1]
     dx_h, dx_w = dx_h.contiguous(), dx_w.contiguous()
     dx = torch.empty(B, C, H, W, device=dx_h.device, dtype=dx_h.dtype)
-    block_h, block_w = _row_blocks(H, W)
-    _ela_pool_bwd[(B * C,)](dx_h, dx_w, dx, H, W, BLOCK_H=block_h, BLOCK_W=block_w)
+    _ela_pool_bwd[(B * C,)](dx_h, dx_w, dx, H, W, **_ela_blocks(dx))
     return dx
 
 
@@ -130,22 +151,17 @@ def _ela_gate_forward(x, a_h, a_w):
     B, C, H, W = x.shape
     x, a_h, a_w = x.contiguous(), a_h.contiguous(), a_w.contiguous()
     y = torch.empty_like(x)
-    block_h, block_w = _row_blocks(H, W)
-    _ela_gate_fwd[(B * C,)](x, a_h, a_w, y, H, W, BLOCK_H=block_h, BLOCK_W=block_w)
+    _ela_gate_fwd[(B * C,)](x, a_h, a_w, y, H, W, **_ela_blocks(x))
     return y
 
 
 def _ela_gate_backward(x, a_h, a_w, dy):
+    """(dx, da_h, da_w)."""
     B, C, H, W = x.shape
     x, a_h, a_w = x.contiguous(), a_h.contiguous(), a_w.contiguous()
     dx, da_h, da_w = torch.empty_like(x), torch.empty_like(a_h), torch.empty_like(a_w)
-    block_h, block_w = _row_blocks(H, W)
-    _ela_gate_bwd[(B * C,)](x, a_h, a_w, dy.contiguous(), dx, da_h, da_w, H, W,
-                            BLOCK_H=block_h, BLOCK_W=block_w)
+    _ela_gate_bwd[(B * C,)](x, a_h, a_w, dy.contiguous(), dx, da_h, da_w, H, W, **_ela_blocks(x))
     return dx, da_h, da_w
-
-
-# -------------------------------------------------------------------------------------------------- ULSAM
 
 
 @triton.jit
@@ -215,30 +231,28 @@ def _subspace_bwd_dl(l_ptr, lse_ptr, da_ptr, dl_ptr, N, BLOCK: tl.constexpr):
     tl.store(dl_ptr + bg * N + offs, (a * (da - dot)).to(dl_ptr.dtype.element_ty), mask=inside)
 
 
-def _position_block(N: int) -> int:
-    return triton.next_power_of_2(N) if interpreting() else min(MAX_POSITIONS, triton.next_power_of_2(N))
-
-
 def _subspace_forward(x, logits):
+    """(y, lse): the gated map and the fp32 [B·G] log-sum-exp of each subspace's logits."""
     B, C, H, W = x.shape
     G, N = logits.shape[1], H * W
     x, logits = x.contiguous(), logits.contiguous()
     y = torch.empty_like(x)
     lse = torch.empty(B * G, device=x.device, dtype=torch.float32)
-    block = _position_block(N)
-    _subspace_fwd[(B * G, triton.cdiv(N, block))](x, logits, y, lse, C // G, N, BLOCK=block)
+    blocks = _ulsam_blocks(x)
+    _subspace_fwd[(B * G, triton.cdiv(N, blocks["BLOCK"]))](x, logits, y, lse, C // G, N, **blocks)
     return y, lse
 
 
 def _subspace_backward(x, logits, lse, dy):
+    """(dx, dlogits)."""
     B, C, H, W = x.shape
     G, N = logits.shape[1], H * W
     x, logits = x.contiguous(), logits.contiguous()
-    block = _position_block(N)
-    grid = (B * G, triton.cdiv(N, block))
+    blocks = _ulsam_blocks(x)
+    grid = (B * G, triton.cdiv(N, blocks["BLOCK"]))
     dx = torch.empty_like(x)
     da = torch.empty(B * G, N, device=x.device, dtype=torch.float32)
-    _subspace_bwd_dx[grid](x, logits, lse, dy.contiguous(), dx, da, C // G, N, BLOCK=block)
+    _subspace_bwd_dx[grid](x, logits, lse, dy.contiguous(), dx, da, C // G, N, **blocks)
     dl = torch.empty_like(logits)
-    _subspace_bwd_dl[grid](logits, lse, da, dl, N, BLOCK=block)
+    _subspace_bwd_dl[grid](logits, lse, da, dl, N, **blocks)
     return dx, dl

@@ -17,8 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import dot, fp32_dot, unsupported_input
-from ..dispatch import interpreting
+from .._triton import Target, dot, fp32_dot, target_of, unsupported_input
 
 MAX_D = 128
 
@@ -50,7 +49,7 @@ def _lse_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64: bh * N and b * sqb pass 2**31 on large batches
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -74,7 +73,7 @@ def _rollout_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -95,19 +94,35 @@ def _rollout_kernel(
     tl.store(out_ptr + bh * N + offs_n, acc, mask=offs_n < N)
 
 
-def rollout_step_fused(q: torch.Tensor, k: torch.Tensor, r: torch.Tensor, scale: float) -> torch.Tensor:
+def launch_config(N: int, D: int, dtype: torch.dtype, target: Target) -> dict:
+    """Block sizes and warps of both passes for q, k [B, H, N, D] of ``dtype`` on ``target``.
+
+    fp16/bf16 multiply 64 x 64 tiles on the tensor cores (mma.sync on sm_80, wgmma on sm_90a). fp32 gets 32 x 32:
+    its exact products run on the FMA units, where a thread holds a larger share of each tile (64 x 64 spills).
+    A head dim over 64 halves the key block. The tiles depend on the dtype only, never on the interpreter (whose
+    bf16 runs the exact fp32 dot, FP32=True, on bf16's tiles). The same on both targets (the ahead-of-time
+    compile for sm_80 and sm_90a finds no spill); ``target`` is part of the rule for a target-specific choice.
+    """
+    del N, target
+    block_d = max(16, triton.next_power_of_2(D))
+    block = 32 if dtype == torch.float32 else 64
+    return dict(BLOCK_M=block, BLOCK_N=block if block_d <= 64 else block // 2, BLOCK_D=block_d,
+                FP32=fp32_dot(dtype), num_warps=4)
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, r: torch.Tensor, scale: float) -> torch.Tensor:
     """The two passes (arguments validated by :func:`attnzoo.kernels.rollout_step`; r is [B, H, N])."""
     B, H, N, D = q.shape
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    if interpreting():  # the interpreter's cost grows with the program and step counts: few, large blocks
-        BLOCK_M = BLOCK_N = min(128, max(16, triton.next_power_of_2(N)))
-    else:
-        BLOCK_M, BLOCK_N = 64, 64 if BLOCK_D <= 64 else 32
-    blocks = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, FP32=fp32_dot(q.dtype), num_warps=4)
+    blocks = launch_config(N, D, q.dtype, target_of(q))
     lse = torch.empty(B * H, N, device=q.device, dtype=torch.float32)
-    _lse_kernel[(triton.cdiv(N, BLOCK_M), B * H)](
+    _lse_kernel[(triton.cdiv(N, blocks["BLOCK_M"]), B * H)](
         q, k, lse, H, N, D, scale, *q.stride(), *k.stride(), **blocks)
     out = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-    _rollout_kernel[(triton.cdiv(N, BLOCK_N), B * H)](
+    _rollout_kernel[(triton.cdiv(N, blocks["BLOCK_N"]), B * H)](
         q, k, r, lse, out, H, N, D, scale, *q.stride(), *k.stride(), *r.stride(), **blocks)
     return out
+
+
+def rollout_step_fused(q: torch.Tensor, k: torch.Tensor, r: torch.Tensor, scale: float) -> torch.Tensor:
+    """The fused rollout step (arguments validated by :func:`attnzoo.kernels.rollout_step`; r is [B, H, N])."""
+    return _forward(q, k, r, scale)

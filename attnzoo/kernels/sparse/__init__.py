@@ -4,8 +4,8 @@ keys it was given, out of N.
     out_i = Σ_{j ∈ S_i} softmax_j(scale · q_i · k_j) v_j,      S_i = index[i], |S_i| = K         (one head)
 
 ``reference.py`` holds the readable formula (dense logits, the dropped keys masked) and the SDPA path;
-``fused.py`` the Triton forward and backward, which gather the K kept keys of each query by index and never
-touch the others, so the work is proportional to K rather than N.
+``fused.py`` the Triton forward and backward: FlashAttention on the tensor cores with the kept pairs as a bit
+mask (1 bit per query-key pair instead of SDPA's dense boolean mask); the work is that of dense attention.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def sparse_attention(
         k, v: [B, H, N, D] keys and values (M may differ from N, e.g. the patch queries of a ViT without its
             class token). Any strides.
         index: [B, H, M, K] integer (int32 or int64) indices into the N keys, the keys query i attends to,
-            distinct within a row (as ``torch.topk`` gives them; a repeated index counts once in the reference
-            and twice in the fused kernel). 1 ≤ K ≤ N; K = N with every key is dense attention.
+            distinct within a row (as ``torch.topk`` gives them; a repeated index counts once). 1 ≤ K ≤ N;
+            K = N with every key is dense attention.
         scale: logit scale, default D ** -0.5.
 
     Returns:
