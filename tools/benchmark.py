@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import attnzoo  # noqa: E402  (registers the models with timm)
-from attnzoo.kernels import use_backend  # noqa: E402
+import attnzoo  # (registers the models with timm)
+from attnzoo.common import atomic_write
+from attnzoo.kernels import use_backend
 
 
 @dataclass
@@ -331,8 +331,7 @@ def main(argv=None) -> int:
     print(header + table)
     for path, text in ((args.out, json.dumps({"environment": env, "rows": [r.__dict__ for r in rows]}, indent=1)),
                        (args.md, header + table)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        atomic_write(path, text)
     print(f"wrote {args.out} and {args.md}")
     return 0
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..common import InputError
 from ..data.oat import OATScanpaths, collate_scanpaths, load_oat_folder, read_index_file, split_records
 from ..heads.oat import OAT, oat_loss
 from ..heads.scanpath import (
@@ -26,7 +27,6 @@ from ..heads.scanpath import (
     scanpath_sim,
     sequence_score,
 )
-from ..hub import InputError
 from . import Task
 
 
@@ -131,4 +131,4 @@ class OATTask(Task):
         return out
 
     def state(self):
-        return {"oat": {"task": self.task_id, **self.config, "decode_len": self.max_len}}
+        return {"task": self.task_id, **self.config, "decode_len": self.max_len}
