@@ -17,8 +17,8 @@ Nothing here sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` or passes ``weights_only=
 It also makes the Runner's checkpoints atomic. mmengine's ``CheckpointHook`` hands the serialised checkpoint to
 a file backend's ``put``, which for a local path opens the final file and writes into it, so a run killed
 mid-write leaves a truncated ``iter_N.pth``. :class:`AtomicCheckpointHook` is that same hook (every option kept)
-writing through :class:`AtomicLocalBackend`, which writes a hidden temporary file beside the target and renames
-it into place. mmengine writes its ``last_checkpoint`` pointer only after the checkpoint is complete, so the
+writing through :class:`AtomicLocalBackend`, which writes a hidden temporary file beside the target, fsyncs it
+and renames it into place. mmengine writes its ``last_checkpoint`` pointer only after the checkpoint is complete, so the
 pointer never names a partial file (``attnzoo.det.runner`` reads it, falling back to the newest complete file).
 
 Finally, resumption that reproduces the uninterrupted run. mmengine restores the weights, optimizer, schedulers
@@ -30,7 +30,6 @@ how the run got to that iteration.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,8 @@ from mmengine.fileio import LocalBackend, register_backend
 from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import HistoryBuffer
 from mmengine.registry import HOOKS
+
+from ..common import atomic_write
 
 __all__ = ["AtomicCheckpointHook", "AtomicLocalBackend", "SeedEachIterationHook", "WeightsOnlyCheckpointHook",
            "allow_mmengine_globals", "NUMPY_GLOBALS"]
@@ -94,22 +95,11 @@ class WeightsOnlyCheckpointHook(Hook):
 
 
 class AtomicLocalBackend(LocalBackend):
-    """mmengine's local file backend, except that ``put`` and ``put_text`` write a temporary file in the target's
-    folder and ``os.replace`` it onto the target: a reader sees the old file or the whole new one, never part."""
+    """mmengine's local file backend, except that ``put`` and ``put_text`` write through
+    :func:`attnzoo.common.atomic_write`: a reader sees the old file or the whole new one, never part."""
 
     def put(self, obj: bytes, filepath: str | Path) -> None:
-        filepath = Path(filepath)
-        filepath.parent.mkdir(parents=True, exist_ok=True)
-        tmp = filepath.with_name(f".{filepath.name}.{os.getpid()}.tmp")  # one per process: ranks never share
-        try:
-            with open(tmp, "wb") as f:
-                f.write(obj)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, filepath)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(filepath, obj)
 
     def put_text(self, obj: str, filepath: str | Path, encoding: str = "utf-8") -> None:
         self.put(obj.encode(encoding), filepath)

@@ -24,7 +24,7 @@ from attnzoo.data.oat import (
     write_oat_folder,
 )
 from attnzoo.heads.oat import OAT, fit_position_table, oat_loss
-from attnzoo.heads.scanpath import sequence_score
+from attnzoo.heads.scanpath_metrics import sequence_score
 
 SMALL = dict(d_model=32, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32, dropout=0.0)
 CROP = 29  # the smallest crop the paper's CNN takes
