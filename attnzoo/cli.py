@@ -2,31 +2,34 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 
-from .common import InputError
+from .common import InputError, MissingExtraError
 
 __all__ = ["add_config_arguments", "tool_main"]
 
 
 def tool_main(prog: str, body: Callable[[], object], cleanup: Callable[[], None] | None = None) -> int:
-    """The exit status of a tool's ``body``: what it returns when that is an int, else 0; an
-    :class:`~attnzoo.common.InputError` becomes one line ``PROG: error: MESSAGE`` on stderr and status 2.
-    ``cleanup`` runs in every case."""
+    """The exit status of a tool's ``body``: what it returns when that is an int, else 0. An
+    :class:`~attnzoo.common.InputError` becomes one line ``PROG: error: MESSAGE`` on stderr and status 2, a
+    :class:`~attnzoo.common.MissingExtraError` the same with status 1. ``cleanup`` runs in every case."""
     try:
         status = body()
         return status if isinstance(status, int) else 0
-    except InputError as e:
+    except (InputError, MissingExtraError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return 2 if isinstance(e, InputError) else 1
     finally:
         if cleanup is not None:
             cleanup()
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of a tool that takes an mmdetection/mmsegmentation config (``attnzoo.det.runner``)."""
+    """The options of a tool that takes an mmdetection/mmsegmentation config (``attnzoo.det.runner``); a
+    :class:`~attnzoo.common.MissingExtraError` without the ``det`` extra."""
+    importlib.import_module("attnzoo.det")  # raises MissingExtraError without the det extra
     from mmengine.config import DictAction
 
     p.add_argument("config", help="mmdetection/mmsegmentation config (.py)")

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["InputError", "atomic_dir", "atomic_file", "atomic_write", "check_model_name", "fsync_dir"]
+__all__ = ["InputError", "MissingExtraError", "atomic_dir", "atomic_file", "atomic_write", "check_model_name",
+           "fsync_dir"]
 
 _SOURCES = ("hf-hub:", "local-dir:")
 
@@ -27,6 +28,16 @@ class InputError(ValueError):
 
     The tools print its message and exit with status 2 instead of a traceback (:func:`attnzoo.cli.tool_main`).
     """
+
+
+class MissingExtraError(ImportError):
+    """A module of attnzoo that needs an optional extra of ``pyproject.toml`` was imported without it; the
+    message names the extra and how to install it (the tools print it and exit with status 1)."""
+
+    def __init__(self, module: str, extra: str, missing: str | None):
+        self.extra = extra
+        super().__init__(f"{module} needs the '{extra}' extra ({missing or 'a dependency'} is not installed): "
+                         f"pip install 'attnzoo[{extra}]'", name=missing)
 
 
 def check_model_name(name: str) -> str:

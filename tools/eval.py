@@ -121,7 +121,8 @@ def _write(results: dict, out: str | None) -> None:
         atomic_write(out, text)
 
 
-def evaluate_config(args: argparse.Namespace) -> None:
+def evaluate_config(argv: list[str]) -> None:
+    args = parse_config_args(argv)  # needs the det extra
     from attnzoo.det import runner
 
     metrics = runner.test(args)
@@ -154,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0].endswith(".py"):  # an mmdetection/mmsegmentation config and its checkpoint
         from attnzoo.engine import Run
 
-        args = parse_config_args(argv)
-        return tool_main("eval.py", lambda: evaluate_config(args), cleanup=Run.close)
+        return tool_main("eval.py", lambda: evaluate_config(argv), cleanup=Run.close)
     args = parse_args(argv)
     return tool_main("eval.py", lambda: evaluate_classifier(args))
 

@@ -89,11 +89,10 @@ def parse_config_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0].endswith(".py"):  # an mmdetection/mmsegmentation config
-        from attnzoo.det import runner
-
-        args = parse_config_args(argv)
-
         def train_config() -> None:
+            args = parse_config_args(argv)  # needs the det extra
+            from attnzoo.det import runner
+
             last = runner.train(args)
             if runner.is_main_process():
                 print(f"checkpoint: {last}", flush=True)
