@@ -3,51 +3,23 @@
 A Hub folder is what ``timm.create_model("hf-hub:ORG/NAME")`` and ``timm.create_model("local-dir:PATH")`` load:
 ``config.json`` (architecture, model_args, pretrained_cfg) + ``model.safetensors`` + a ``README.md`` model card.
 Writing it is timm's own ``save_for_hf``; this module adds the checks and messages a command-line user needs,
-and writes folders and files so that a crash never leaves one half-written.
+and writes the folder atomically (:func:`attnzoo.common.atomic_dir`).
 """
 from __future__ import annotations
 
-import contextlib
-import difflib
 import os
 import pickle
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import timm
 import torch
 from safetensors.torch import load_file
 from timm.models._hub import generate_readme, save_for_hf
 
 from .backbones._pretrained import checkpoint_weights, read_training_checkpoint
+from .common import InputError, atomic_dir
 
-__all__ = ["InputError", "atomic_dir", "check_model_name", "fit_report", "load_weights", "read_state_dict",
-           "save_hub_folder"]
-
-_SOURCES = ("hf-hub:", "local-dir:")
-
-
-class InputError(ValueError):
-    """Bad input from the user of a tool (a missing folder, an unknown model, weights that do not fit).
-
-    The tools print its message and exit with status 2 instead of a traceback.
-    """
-
-
-def check_model_name(name: str) -> str:
-    """``name`` if timm can build it (a registered model, ``hf-hub:`` or ``local-dir:``), else an InputError
-    listing the closest registered names."""
-    if name.startswith(_SOURCES):
-        if name.startswith("local-dir:") and not (Path(name[len("local-dir:"):]) / "config.json").is_file():
-            raise InputError(f"model {name!r}: no config.json in that folder (expected timm's Hub layout)")
-        return name
-    if timm.is_model(name.split(".")[0]):  # "arch" or "arch.tag"
-        return name
-    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-    hint = f"; closest registered names: {', '.join(close)}" if close else ""
-    raise InputError(f"model {name!r} is not registered with timm (nor attnzoo){hint}")
+__all__ = ["fit_report", "load_weights", "read_state_dict", "save_hub_folder"]
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -100,23 +72,6 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike,
         name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
         raise InputError(f"checkpoint {path} does not fit model {name}:{report}")
     model.load_state_dict(state_dict)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path`` that becomes ``path`` only when the block succeeds."""
-    path = Path(path)
-    if path.exists() and not overwrite and any(path.iterdir()):
-        raise InputError(f"output folder {path} exists and is not empty")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_hub_folder(model: torch.nn.Module, folder: str | os.PathLike, *, label_names: list[str] | None = None,

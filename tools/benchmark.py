@@ -48,9 +48,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import attnzoo  # noqa: E402  (registers the models with timm)
-from attnzoo.kernels import use_backend  # noqa: E402
+import attnzoo  # (registers the models with timm)
+from attnzoo.common import atomic_write
+from attnzoo.kernels import use_backend
 
 
 @dataclass
@@ -812,7 +812,7 @@ def main(argv=None) -> int:
                   "failed_sections": failed}
         for path, text in ((args.out, json.dumps(report, indent=1)), (args.md, header + table)):
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+            atomic_write(path, text)
         return table
 
     for section, run in sections.items():

@@ -28,9 +28,10 @@ from pathlib import Path
 import timm
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import attnzoo  # noqa: E402,F401  (registers attnzoo's models with timm)
-from attnzoo.hub import InputError, check_model_name, load_weights, save_hub_folder  # noqa: E402
+import attnzoo  # noqa: F401  (registers attnzoo's models with timm)
+from attnzoo.cli import tool_main
+from attnzoo.common import InputError, check_model_name
+from attnzoo.hub import load_weights, save_hub_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,19 +77,16 @@ def convert_det(config: str, checkpoint: Path, out: Path, overwrite: bool = Fals
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def run() -> None:
         if args.det:
             path = convert_det(args.model, Path(args.checkpoint), Path(args.out), args.overwrite)
+            print(f"wrote {path}: evaluate it with tools/eval.py {args.model} {path}")
         else:
             path = convert(args.model, Path(args.checkpoint), Path(args.out), args.model_args, args.overwrite)
-    except InputError as e:
-        print(f"convert.py: error: {e}", file=sys.stderr)
-        return 2
-    if args.det:
-        print(f"wrote {path}: evaluate it with tools/eval.py {args.model} {path}")
-    else:
-        print(f"wrote {path}: load it with timm.create_model('local-dir:{path}', pretrained=True)")
-    return 0
+            print(f"wrote {path}: load it with timm.create_model('local-dir:{path}', pretrained=True)")
+
+    return tool_main("convert.py", run)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,11 @@ from timm.data import create_transform, resolve_data_config
 from timm.utils import accuracy
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import attnzoo  # noqa: E402,F401  (registers attnzoo's models with timm)
-from attnzoo.data import class_names, image_folder  # noqa: E402
-from attnzoo.hub import InputError, check_model_name, load_weights  # noqa: E402
+import attnzoo  # noqa: F401  (registers attnzoo's models with timm)
+from attnzoo.cli import add_config_arguments, tool_main
+from attnzoo.common import InputError, atomic_write, check_model_name
+from attnzoo.data import class_names, image_folder
+from attnzoo.hub import load_weights
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +49,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--out", help="also write the results to this JSON file")
+    return p.parse_args(argv)
+
+
+def parse_config_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="eval.py", description="Evaluate a detection/segmentation checkpoint with "
+                                "its config's test evaluator (COCO bbox/segm mAP, mIoU).")
+    add_config_arguments(p)
+    p.add_argument("checkpoint", help="checkpoint (.pth) written by tools/train.py or mmengine")
+    p.add_argument("--output", help="work dir for the logs (default: runs/<config name>-eval)")
+    p.add_argument("--out", help="also write the metrics to this JSON file")
     return p.parse_args(argv)
 
 
@@ -103,37 +114,50 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -
             "loop_img_per_s": n / (time.perf_counter() - started)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0].endswith(".py"):  # an mmdetection/mmsegmentation config and its checkpoint
-        from attnzoo.det.runner import test_main
+def _write(results: dict, out: str | None) -> None:
+    text = json.dumps(results, indent=2)
+    print(text, flush=True)
+    if out:
+        atomic_write(out, text)
 
-        return test_main(argv)
-    args = parse_args(argv)
-    try:
-        dataset, skipped = image_folder(args.data, args.split)
-        model = build_model(args, len(class_names(dataset)))
-        mapping = label_map(model, class_names(dataset))
-        if mapping is not None:
-            dataset, skipped = image_folder(args.data, args.split, class_to_idx=mapping)
-        if skipped:
-            print(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
-        data_config = resolve_data_config(model=model)
-        if args.img_size:
-            data_config["input_size"] = (3, args.img_size, args.img_size)
-        dataset.transform = create_transform(**data_config, is_training=False)
-    except InputError as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        return 2
+
+def evaluate_config(argv: list[str]) -> None:
+    args = parse_config_args(argv)  # needs the det extra
+    from attnzoo.det import runner
+
+    metrics = runner.test(args)
+    if runner.is_main_process():
+        _write({"config": args.config, "checkpoint": args.checkpoint,
+                "metrics": {k: float(v) for k, v in metrics.items()}}, args.out)
+
+
+def evaluate_classifier(args: argparse.Namespace) -> None:
+    dataset, skipped = image_folder(args.data, args.split)
+    model = build_model(args, len(class_names(dataset)))
+    mapping = label_map(model, class_names(dataset))
+    if mapping is not None:
+        dataset, skipped = image_folder(args.data, args.split, class_to_idx=mapping)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
+    data_config = resolve_data_config(model=model)
+    if args.img_size:
+        data_config["input_size"] = (3, args.img_size, args.img_size)
+    dataset.transform = create_transform(**data_config, is_training=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
-    results = {"model": args.model, "data": str(Path(args.data) / args.split), "skipped": len(skipped),
-               **evaluate(model.to(device), loader, device)}
-    print(json.dumps(results, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
-    return 0
+    _write({"model": args.model, "data": str(Path(args.data) / args.split), "skipped": len(skipped),
+            **evaluate(model.to(device), loader, device)}, args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].endswith(".py"):  # an mmdetection/mmsegmentation config and its checkpoint
+        from attnzoo.engine import Run
+
+        return tool_main("eval.py", lambda: evaluate_config(argv), cleanup=Run.close)
+    args = parse_args(argv)
+    return tool_main("eval.py", lambda: evaluate_classifier(args))
 
 
 if __name__ == "__main__":

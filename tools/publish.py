@@ -13,7 +13,6 @@ the checkpoint's, on the run's own val images when they are still there. Afterwa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,10 +20,13 @@ import timm
 import torch
 from timm.data import create_transform
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import attnzoo  # noqa: E402,F401  (registers attnzoo's models with timm)
-from attnzoo.data import image_folder  # noqa: E402
-from attnzoo.hub import InputError, check_model_name, load_weights, save_hub_folder  # noqa: E402
+import attnzoo  # noqa: F401  (registers attnzoo's models with timm)
+from attnzoo.cli import tool_main
+from attnzoo.common import InputError, check_model_name
+from attnzoo.data import image_folder
+from attnzoo.engine import find_checkpoint, read_state, task_state
+from attnzoo.hub import load_weights, save_hub_folder
+from attnzoo.tasks import get_task
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,20 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def find_checkpoint(path: Path) -> Path:
-    if (path / "checkpoints" / "last.json").is_file():
-        return path / "checkpoints" / json.loads((path / "checkpoints" / "last.json").read_text())["checkpoint"]
-    if (path / "state.json").is_file():
-        return path
-    raise InputError(f"{path} is neither a run folder of tools/train.py (with checkpoints/last.json) nor a "
-                     "checkpoint folder (with state.json)")
-
-
-def sample_inputs(state: dict, n: int = 16) -> torch.Tensor:
-    """The first ``n`` val images of the run, transformed as eval does; random images if the data is gone."""
-    config = state["data_config"]
+def sample_inputs(data: str, config: dict, n: int = 16) -> torch.Tensor:
+    """The first ``n`` val images of the run's ``data``, transformed as eval does; random images if the data is
+    gone."""
     try:
-        dataset, _ = image_folder(state["args"]["data"], "val",
+        dataset, _ = image_folder(data, "val",
                                   transform=create_transform(**config, is_training=False))
         return torch.stack([dataset[i][0] for i in range(0, len(dataset), max(1, len(dataset) // n))][:n])
     except InputError:
@@ -62,8 +55,12 @@ def publish(checkpoint: Path, out: Path, ema: bool = False, overwrite: bool = Fa
             repo: str | None = None) -> tuple[Path, dict]:
     """Write the Hub folder and check the reload; returns it and the numbers that went into the card. ``repo`` is
     the Hub repo the card's usage example names (``ORG/<folder name>`` when not given)."""
-    state = json.loads((checkpoint / "state.json").read_text())
-    args, classes, metrics = state["args"], state["classes"], state["metrics"]
+    state = read_state(checkpoint)
+    task, own = task_state(state)
+    if not get_task(task).publishable:
+        raise InputError(f"{checkpoint} was trained with --task {task}, whose model is not a timm classifier: "
+                         "tools/publish.py exports classification runs (--task classification, sparsifiner) only")
+    args, classes, metrics, config = state["args"], own["classes"], state["metrics"], own["data_config"]
     weights = checkpoint / ("ema.safetensors" if ema else "model.safetensors")
     if not weights.is_file():
         raise InputError(f"{weights} does not exist" + (" (the run kept no EMA: --ema-decay 0)" if ema else ""))
@@ -84,12 +81,12 @@ def publish(checkpoint: Path, out: Path, ema: bool = False, overwrite: bool = Fa
         "usage": f"```python\nimport attnzoo, timm\nmodel = timm.create_model('hf-hub:{repo or 'ORG/' + out.name}',"
                  " pretrained=True)\n```",
     }
-    data_config = {k: state["data_config"][k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct",
-                                                        "crop_mode") if k in state["data_config"]}
+    data_config = {k: config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+                   if k in config}
     save_hub_folder(model, out, label_names=classes, card=card, data_config=data_config, overwrite=overwrite)
 
     reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
-    x = sample_inputs(state)
+    x = sample_inputs(args["data"], config)
     with torch.no_grad():
         ours, theirs = model(x), reloaded(x)
     if not torch.equal(ours.argmax(-1), theirs.argmax(-1)) or not torch.allclose(ours, theirs, atol=1e-5):
@@ -117,7 +114,8 @@ def push(folder: Path, repo: str, private: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def run() -> None:
         folder, numbers = publish(find_checkpoint(Path(args.checkpoint)), Path(args.out), args.ema, args.overwrite,
                                   args.repo)
         print(f"wrote {folder} (config.json, model.safetensors, README.md)")
@@ -127,10 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.repo:
             print(f"pushed: {push(folder, args.repo, args.private)}")
             print(f"load it with timm.create_model('hf-hub:{args.repo}', pretrained=True)")
-    except InputError as e:
-        print(f"publish.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return tool_main("publish.py", run)
 
 
 if __name__ == "__main__":

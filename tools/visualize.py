@@ -27,10 +27,10 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torchvision.utils import save_image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import attnzoo  # noqa: E402  (registers attnzoo's models with timm)
-from attnzoo.hub import InputError, check_model_name  # noqa: E402
-from attnzoo.kernels.window.reference import window_attention_reference  # noqa: E402
+import attnzoo  # (registers attnzoo's models with timm)
+from attnzoo.cli import tool_main
+from attnzoo.common import InputError, check_model_name
+from attnzoo.kernels.window.reference import window_attention_reference
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,14 +115,13 @@ def visualize(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def run() -> None:
         feature_pngs, attention_pngs = visualize(args)
-    except InputError as e:
-        print(f"visualize.py: error: {e}", file=sys.stderr)
-        return 2
-    print(f"{len(feature_pngs)} feature maps in {Path(args.out) / 'features'}, "
-          f"{len(attention_pngs)} attention maps in {Path(args.out) / 'attention'}")
-    return 0
+        print(f"{len(feature_pngs)} feature maps in {Path(args.out) / 'features'}, "
+              f"{len(attention_pngs)} attention maps in {Path(args.out) / 'attention'}")
+
+    return tool_main("visualize.py", run)
 
 
 if __name__ == "__main__":

@@ -30,13 +30,12 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates, get_norm_layer, to_2tuple
 from timm.models import davit as timm_davit
-from timm.models._builder import build_model_with_cfg
 from timm.models._registry import register_model
 from timm.models.davit import ConvPosEnc
 from timm.models.maxxvit import window_partition, window_reverse
 
 from ..kernels import channel_attention, window_attention
-from ._common import check_image_batch
+from ._common import build_checked, check_image_batch
 from ._pretrained import split_output_norms
 from ._windows import pad_to_multiple, padding_key_mask
 
@@ -247,7 +246,7 @@ def _create_davit(variant: str, pretrained: bool = False, **kwargs) -> DaVit:
     out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (1, 1, 3, 1))))))
     # Florence-2's vision tower checkpoints carry no head norm
     strict = kwargs.pop("pretrained_strict", not variant.endswith("_fl"))
-    return build_model_with_cfg(
+    return build_checked(
         DaVit,
         variant,
         pretrained,

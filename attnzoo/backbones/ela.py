@@ -49,7 +49,6 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.models._builder import build_model_with_cfg
 from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, round_channels
 from timm.models._registry import generate_default_cfgs, register_model
 from timm.models.efficientnet import EfficientNet
@@ -58,7 +57,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from timm.models.resnet import _cfg as _resnet_cfg
 
 from ..kernels import ela_gate, ela_pool
-from ._common import CheckedInput
+from ._common import CheckedInput, build_checked
 
 __all__ = ["EfficientLocalAttention", "ElaResNet", "ElaMobileNetV2", "ELA_VERSIONS"]
 
@@ -148,16 +147,19 @@ _MOBILENETV2 = [
 
 
 def _create_resnet(variant: str, pretrained: bool = False, **kwargs) -> ElaResNet:
+    """ELA in every residual block, after the last conv + BN, before the addition."""
     version, depth = variant.split("_")[1], int(variant.rsplit("resnet", 1)[1])
     block, layers = _RESNETS[depth]
     block_args = dict(kwargs.pop("block_args", {}), attn_layer=_ela_layer(version))
-    return build_model_with_cfg(ElaResNet, variant, pretrained, block=block, layers=layers,
+    return build_checked(ElaResNet, variant, pretrained, block=block, layers=layers,
                                 block_args=block_args, name=variant, **kwargs)
 
 
 def _create_mobilenetv2(variant: str, pretrained: bool = False, **kwargs) -> ElaMobileNetV2:
+    """ELA in every inverted residual (not the first, t=1, block), after the depthwise conv, before the
+    projection."""
     version = variant.split("_")[1]
-    return build_model_with_cfg(
+    return build_checked(
         ElaMobileNetV2, variant, pretrained,
         block_args=decode_arch_def(_MOBILENETV2), num_features=1280, stem_size=32,
         round_chs_fn=partial(round_channels, multiplier=1.0), act_layer=resolve_act_layer(kwargs, "relu6"),
@@ -173,22 +175,115 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _register(name: str, create, where: str) -> None:
-    version = name.split("_")[1].upper()
-    kernel, group_channels, norm_groups = ELA_VERSIONS[version.lower()]
-    conv = "depthwise" if group_channels == 1 else "C/8 groups"
-
-    def entrypoint(pretrained: bool = False, **kwargs):
-        return create(name, pretrained, **kwargs)
-
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__doc__ = (f"{name}: ELA-{version} (Conv1d k={kernel}, {conv}, GN {norm_groups} groups) {where}; "
-                          "untrained.")
-    globals()[name] = register_model(entrypoint)
+@register_model
+def ela_t_resnet18(pretrained: bool = False, **kwargs) -> ElaResNet:
+    """ResNet-18 with ELA-T (Conv1d k=5, depthwise, GN 32 groups) in every residual block; untrained."""
+    return _create_resnet("ela_t_resnet18", pretrained, **kwargs)
 
 
-for _name in _RESNET_NAMES:
-    _register(_name, _create_resnet, "in every residual block, after the last conv + BN, before the addition")
-for _name in _MOBILENET_NAMES:
-    _register(_name, _create_mobilenetv2, "in every inverted residual (not the first, t=1, block), after the "
-              "depthwise conv, before the projection")
+@register_model
+def ela_b_resnet18(pretrained: bool = False, **kwargs) -> ElaResNet:
+    """ResNet-18 with ELA-B (Conv1d k=7, depthwise, GN 16 groups) in every residual block; untrained."""
+    return _create_resnet("ela_b_resnet18", pretrained, **kwargs)
+
+
+@register_model
+def ela_s_resnet18(pretrained: bool = False, **kwargs) -> ElaResNet:
+    """ResNet-18 with ELA-S (Conv1d k=5, C/8 groups, GN 16 groups) in every residual block; untrained."""
+    return _create_resnet("ela_s_resnet18", pretrained, **kwargs)
+
+
+@register_model
+def ela_l_resnet18(pretrained: bool = False, **kwargs) -> ElaResNet:
+    """ResNet-18 with ELA-L (Conv1d k=7, C/8 groups, GN 16 groups) in every residual block; untrained."""
+    return _create_resnet("ela_l_resnet18", pretrained, **kwargs)
+
+
+@register_model
+def ela_t_resnet34(pretrained: bool = False, **kwargs) -> ElaResNet:
+    """ResNet-34 with ELA-T (Conv1d k=5, depthwise, GN 32 groups) in every residual block; untrained."""
+    return _create_resnet("ela_t_resnet34", pretrained, **kwargs)
+
+
+@register_model
+def ela_b_resnet34(pretrained: bool = False, **kwargs) -> ElaResNet:
+    """ResNet-34 with ELA-B (Conv1d k=7, depthwise, GN 16 groups) in every residual block; untrained."""
+    return _create_resnet("ela_b_resnet34", pretrained, **kwargs)
+
+
+@register_model
+def ela_s_resnet34(pretrained: bool = False, **kwargs) -> ElaResNet:
+    """ResNet-34 with ELA-S (Conv1d k=5, C/8 groups, GN 16 groups) in every residual block; untrained."""
+    return _create_resnet("ela_s_resnet34", pretrained, **kwargs)
+
+
+@register_model
+def ela_l_resnet34(pretrained: bool = False, **kwargs) -> ElaResNet:
+    """ResNet-34 with ELA-L (Conv1d k=7, C/8 groups, GN 16 groups) in every residual block; untrained."""
+    return _create_resnet("ela_l_resnet34", pretrained, **kwargs)
+
+
+@register_model
+def ela_t_resnet50(pretrained: bool = False, **kwargs) -> ElaResNet:
+    """ResNet-50 with ELA-T (Conv1d k=5, depthwise, GN 32 groups) in every residual block; untrained."""
+    return _create_resnet("ela_t_resnet50", pretrained, **kwargs)
+
+
+@register_model
+def ela_b_resnet50(pretrained: bool = False, **kwargs) -> ElaResNet:
+    """ResNet-50 with ELA-B (Conv1d k=7, depthwise, GN 16 groups) in every residual block; untrained."""
+    return _create_resnet("ela_b_resnet50", pretrained, **kwargs)
+
+
+@register_model
+def ela_s_resnet50(pretrained: bool = False, **kwargs) -> ElaResNet:
+    """ResNet-50 with ELA-S (Conv1d k=5, C/8 groups, GN 16 groups) in every residual block; untrained."""
+    return _create_resnet("ela_s_resnet50", pretrained, **kwargs)
+
+
+@register_model
+def ela_l_resnet50(pretrained: bool = False, **kwargs) -> ElaResNet:
+    """ResNet-50 with ELA-L (Conv1d k=7, C/8 groups, GN 16 groups) in every residual block; untrained."""
+    return _create_resnet("ela_l_resnet50", pretrained, **kwargs)
+
+
+@register_model
+def ela_t_resnet101(pretrained: bool = False, **kwargs) -> ElaResNet:
+    """ResNet-101 with ELA-T (Conv1d k=5, depthwise, GN 32 groups) in every residual block; untrained."""
+    return _create_resnet("ela_t_resnet101", pretrained, **kwargs)
+
+
+@register_model
+def ela_b_resnet101(pretrained: bool = False, **kwargs) -> ElaResNet:
+    """ResNet-101 with ELA-B (Conv1d k=7, depthwise, GN 16 groups) in every residual block; untrained."""
+    return _create_resnet("ela_b_resnet101", pretrained, **kwargs)
+
+
+@register_model
+def ela_s_resnet101(pretrained: bool = False, **kwargs) -> ElaResNet:
+    """ResNet-101 with ELA-S (Conv1d k=5, C/8 groups, GN 16 groups) in every residual block; untrained."""
+    return _create_resnet("ela_s_resnet101", pretrained, **kwargs)
+
+
+@register_model
+def ela_l_resnet101(pretrained: bool = False, **kwargs) -> ElaResNet:
+    """ResNet-101 with ELA-L (Conv1d k=7, C/8 groups, GN 16 groups) in every residual block; untrained."""
+    return _create_resnet("ela_l_resnet101", pretrained, **kwargs)
+
+
+@register_model
+def ela_b_mobilenetv2_100(pretrained: bool = False, **kwargs) -> ElaMobileNetV2:
+    """MobileNetV2 with ELA-B (Conv1d k=7, depthwise, GN 16 groups) in the inverted residuals; untrained."""
+    return _create_mobilenetv2("ela_b_mobilenetv2_100", pretrained, **kwargs)
+
+
+@register_model
+def ela_s_mobilenetv2_100(pretrained: bool = False, **kwargs) -> ElaMobileNetV2:
+    """MobileNetV2 with ELA-S (Conv1d k=5, C/8 groups, GN 16 groups) in the inverted residuals; untrained."""
+    return _create_mobilenetv2("ela_s_mobilenetv2_100", pretrained, **kwargs)
+
+
+@register_model
+def ela_l_mobilenetv2_100(pretrained: bool = False, **kwargs) -> ElaMobileNetV2:
+    """MobileNetV2 with ELA-L (Conv1d k=7, C/8 groups, GN 16 groups) in the inverted residuals; untrained."""
+    return _create_mobilenetv2("ela_l_mobilenetv2_100", pretrained, **kwargs)

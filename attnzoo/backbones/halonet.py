@@ -23,11 +23,11 @@ import torch
 import torch.nn as nn
 from timm.layers.halo_attn import HaloAttn as TimmHaloAttn
 from timm.models import byoanet
-from timm.models._builder import build_model_with_cfg
 from timm.models._registry import register_model
 from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
 
 from ..kernels import halo_attention
+from ._common import build_checked, check_image_batch
 
 __all__ = ["HaloAttn", "HaloNet"]
 
@@ -83,7 +83,11 @@ class HaloNet(ByobNet):
         """Whether an input height (or width) of ``size`` tiles every halo layer."""
         return all(-(-size // stride) % multiple == 0 for stride, multiple, _ in self.halo_tiling)
 
-    def check_input_size(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor) -> None:
+        """:func:`._common.check_image_batch`, then whether the size tiles every halo layer."""
+        check_image_batch(self, x, self.in_chans, self.name)
+        if isinstance(x, torch.fx.Proxy):
+            return
         for dim, size in zip(("height", "width"), x.shape[-2:], strict=True):
             if self.tiles(size):
                 continue
@@ -99,11 +103,11 @@ class HaloNet(ByobNet):
                 f"nearest valid {dim}s: {nearest}")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input_size(x)
+        self.check_input(x)
         return super().forward_features(x)
 
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
-        self.check_input_size(x)
+        self.check_input(x)
         return super().forward_intermediates(x, *args, **kwargs)
 
 
@@ -158,7 +162,7 @@ default_cfgs = {name: cfg for name, cfg in byoanet.default_cfgs.items() if name 
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> HaloNet:
-    return build_model_with_cfg(
+    return build_checked(
         HaloNet, variant, pretrained, model_cfg=model_cfgs[variant], name=variant,
         feature_cfg=dict(flatten_sequential=True), **kwargs)
 

@@ -28,15 +28,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates, trunc_normal_
-from timm.models._builder import build_model_with_cfg
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs, register_model
 from timm.models.davit import ConvPosEnc
 
 from ..kernels import linear_attention
-from ._common import check_image_batch
+from ._common import build_checked, takes_device_dtype
 from ._pretrained import load_authors_checkpoint, split_output_norms
+from ._staged import StagedNet
 from .davit import DaVitBlock, WindowAttention, check_window_padding
 
 # the eps of the LayerNorm the authors' detection backbone puts on each output (object_detection/.../l2vit.py
@@ -158,7 +157,10 @@ class L2ViTStage(nn.Module):
         return self.blocks(x)
 
 
-class L2ViT(nn.Module):
+class L2ViT(StagedNet):
+    family = "L2ViT"
+
+    @takes_device_dtype
     def __init__(
         self,
         in_chans: int = 3,
@@ -194,9 +196,9 @@ class L2ViT(nn.Module):
                        window_padding)
             for i in range(len(depths))
         ))
-        self.feature_info = [dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}")
-                             for i, dim in enumerate(dims)]
+        self.feature_info = self.stage_feature_info(dims)
         self.norm = LayerNorm2d(dims[-1], eps=1e-5)  # before pooling, as the authors
+        self.conv_head = nn.Identity()
         self.head = ClassifierHead(dims[-1], num_classes, pool_type=global_pool, drop_rate=drop_rate)
         self.apply(self._init_weights)
 
@@ -210,57 +212,6 @@ class L2ViT(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n.endswith("temperature")}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_image_batch(self, x, self.in_chans, "L2ViT")
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False):
-        """The stages' NCHW outputs at ``indices`` (and the final features unless ``intermediates_only``)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"L2ViT: forward_intermediates supports output_fmt='NCHW', got {output_fmt!r}")
-        self._check_input(x)
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        x = self.stem(x)
-        stages = self.stages if not stop_early else self.stages[:max_index + 1]
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take:
-                intermediates.append(self.norm(x) if norm and i == len(self.stages) - 1 else x)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        return self.norm(self.stages(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def load_pretrained(self, path: str) -> None:
         """timm's ``custom_load`` hook: the authors' ``.pth`` (see :func:`._pretrained.load_authors_checkpoint`)."""
@@ -315,7 +266,7 @@ def det_checkpoint_filter_fn(state_dict: dict, model: L2ViT) -> dict[str, torch.
 
 def _create_l2vit(variant: str, pretrained: bool = False, **kwargs) -> L2ViT:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
+    return build_checked(
         L2ViT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),

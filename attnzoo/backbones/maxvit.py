@@ -30,7 +30,7 @@ from timm.layers import (
     get_norm_layer,
     to_2tuple,
 )
-from timm.models import build_model_with_cfg, maxxvit, register_model
+from timm.models import maxxvit, register_model
 from timm.models._manipulate import checkpoint_seq, named_apply
 from timm.models.maxxvit import (
     AttentionCl,
@@ -49,6 +49,7 @@ from timm.models.maxxvit import (
 from torch import nn
 
 from ..kernels import window_attention
+from ._common import build_checked, check_image_batch
 from ._windows import pad_to_multiple, padding_key_mask
 
 __all__ = ["MaxVit", "MaxVitBlock", "ParallelMaxVitBlock", "PartitionAttention", "checkpoint_filter_fn"]
@@ -229,10 +230,9 @@ class Stem(maxxvit.Stem):
         self.size_multiple = size_multiple  # the stem's output size must be a multiple of this
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_chs = self.conv1.in_channels
-        if x.dim() != 4 or x.shape[1] != in_chs:
-            raise ValueError(f"{self.model_name}: the input `x` must be [B, {in_chs}, H, W] ({in_chs} "
-                             f"channels), got shape {list(x.shape)}")
+        check_image_batch(self, x, self.conv1.in_channels, self.model_name)
+        if isinstance(x, torch.fx.Proxy):
+            return super().forward(x)
         H, W = x.shape[-2:]
         m = self.size_multiple
         if m > 1 and ((H + 1) // 2 % m or (W + 1) // 2 % m):
@@ -342,7 +342,7 @@ class MaxVit(MaxxVit):
 
 
 def _create_maxvit(variant: str, pretrained: bool = False, **kwargs) -> MaxVit:
-    return build_model_with_cfg(
+    return build_checked(
         MaxVit,
         variant,
         pretrained,

@@ -24,12 +24,13 @@ import re
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, trunc_normal_
-from timm.models._builder import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs, register_model
 from timm.models.mlp_mixer import MixerBlock
 from torch.utils.checkpoint import checkpoint
+
+from ._common import build_checked, check_image_batch
 
 __all__ = ["NiNformer", "NiNBlock", "MixerGatingUnit"]
 
@@ -145,12 +146,9 @@ class NiNformer(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         size = tuple(self.patch_embed.img_size)
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[2:] != size:
-            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            name = getattr(self, "pretrained_cfg", {}).get("architecture", "NiNformer")
-            raise ValueError(f"{name}: input `x` must be [B, {self.in_chans}, {size[0]}, {size[1]}]: the token-mixing "
-                             f"MLP was built for {self.patch_embed.num_patches} tokens of a {size[0]}×{size[1]} "
-                             f"image; got {got}")
+        check_image_batch(self, x, self.in_chans, "NiNformer", size, why=(
+            f"the token-mixing MLP was built for {self.patch_embed.num_patches} tokens of a {size[0]}×{size[1]} "
+            "image"))
         return self.patch_embed(x)  # [B, N, C], tokens in row-major order
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,7 +234,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: NiNformer) 
 
 def _create_ninformer(variant: str, pretrained: bool = False, **kwargs) -> NiNformer:
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
+    return build_checked(
         NiNformer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),

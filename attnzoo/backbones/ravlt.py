@@ -32,14 +32,13 @@ from timm.layers import (
     calculate_drop_path_rates,
     trunc_normal_,
 )
-from timm.models._builder import build_model_with_cfg
-from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs, register_model
 
 from ..kernels import linear_attention
 from ..kernels.linear.reference import rotate_pairs
-from ._common import check_image_batch
+from ._common import build_checked, takes_device_dtype
 from ._pretrained import load_authors_checkpoint, split_output_norms
+from ._staged import StagedNet
 
 __all__ = ["RAVLT", "RalaAttention", "RavltBlock", "checkpoint_filter_fn", "det_checkpoint_filter_fn"]
 
@@ -143,7 +142,10 @@ class RavltStage(nn.Module):
         return x
 
 
-class RAVLT(nn.Module):
+class RAVLT(StagedNet):
+    family = "RAVLT"
+
+    @takes_device_dtype
     def __init__(
         self,
         in_chans: int = 3,
@@ -188,8 +190,8 @@ class RAVLT(nn.Module):
                        dpr[i], layer_scales[i])
             for i in range(len(depths))
         ))
-        self.feature_info = [dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}")
-                             for i, dim in enumerate(dims)]
+        self.feature_info = self.stage_feature_info(dims)
+        self.norm = nn.Identity()  # no final norm before the conv head (forward_intermediates' `norm` is a no-op)
         self.conv_head = ConvNormAct(dims[-1], head_hidden_size, 1, bias=True, act_layer=nn.SiLU)
         self.head = ClassifierHead(head_hidden_size, num_classes, pool_type=global_pool, drop_rate=drop_rate,
                                    use_conv=True)
@@ -201,60 +203,6 @@ class RAVLT(nn.Module):
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
-            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None),
-            (r"^conv_head", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_image_batch(self, x, self.in_chans, "RAVLT")
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False):
-        """The stages' NCHW outputs at ``indices`` (and the final features unless ``intermediates_only``).
-        ``norm`` is accepted for timm's API; RAVLT has no final norm before its head."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"RAVLT: forward_intermediates supports output_fmt='NCHW', got {output_fmt!r}")
-        self._check_input(x)
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        x = self.stem(x)
-        for i, stage in enumerate(self.stages if not stop_early else self.stages[:max_index + 1]):
-            x = stage(x)
-            if i in take:
-                intermediates.append(x)
-        return intermediates if intermediates_only else (x, intermediates)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        return self.stages(self.stem(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(self.conv_head(x), pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def load_pretrained(self, path: str) -> None:
         """timm's ``custom_load`` hook: the authors' ``.pth`` from the Hub."""
@@ -310,7 +258,7 @@ def det_checkpoint_filter_fn(state_dict: dict, model: RAVLT) -> dict[str, torch.
 
 def _create_ravlt(variant: str, pretrained: bool = False, **kwargs) -> RAVLT:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
+    return build_checked(
         RAVLT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),

@@ -36,10 +36,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models import vision_transformer as timm_vit
-from timm.models._builder import build_model_with_cfg
 from timm.models._registry import generate_default_cfgs, register_model
 
 from ..kernels import sparse_attention
+from ._common import build_checked, check_image_batch
 
 __all__ = ["Sparsifiner", "SparsifinerAttention", "ConnectivityPredictor", "attn_recon_loss", "distill_loss",
            "attention_maps"]
@@ -173,13 +173,8 @@ class Sparsifiner(timm_vit.VisionTransformer):
 
     def _check_input(self, x: torch.Tensor) -> None:
         size = tuple(self.patch_embed.img_size)
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.patch_embed.proj.in_channels \
-                or tuple(x.shape[2:]) != size:
-            got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            name = getattr(self, "pretrained_cfg", {}).get("architecture", "Sparsifiner")
-            raise ValueError(f"{name}: input `x` must be [B, {self.patch_embed.proj.in_channels}, {size[0]}, "
-                             f"{size[1]}]: the connectivity predictor was built for its {size[0]}×{size[1]} "
-                             f"token layout; got {got}")
+        check_image_batch(self, x, self.patch_embed.proj.in_channels, "Sparsifiner", size, why=(
+            f"the connectivity predictor was built for its {size[0]}×{size[1]} token layout"))
 
     def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         self._check_input(x)
@@ -249,7 +244,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Sparsifiner
 
 def _create_sparsifiner(variant: str, pretrained: bool = False, **kwargs) -> Sparsifiner:
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
+    return build_checked(
         Sparsifiner, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),

@@ -51,14 +51,13 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from timm.models._builder import build_model_with_cfg
 from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, round_channels
 from timm.models._registry import generate_default_cfgs, register_model
 from timm.models.efficientnet import EfficientNet
 from timm.models.efficientnet import _cfg as _effnet_cfg
 
 from ..kernels import subspace_attention
-from ._common import CheckedInput
+from ._common import CheckedInput, build_checked
 
 __all__ = ["ULSAM", "UlsamMobileNet"]
 
@@ -133,7 +132,7 @@ _ARCHS = {"mobilenetv1": (_MOBILENETV1, 0), "mobilenetv2": (_MOBILENETV2, 1280)}
 
 def _create(variant: str, pretrained: bool, ulsam: dict[tuple[int, int], int], **kwargs) -> UlsamMobileNet:
     arch, num_features = _ARCHS[variant.split("_")[1]]
-    return build_model_with_cfg(
+    return build_checked(
         UlsamMobileNet, variant, pretrained,
         block_args=decode_arch_def(arch), num_features=num_features, stem_size=32,
         round_chs_fn=partial(round_channels, multiplier=1.0), act_layer=resolve_act_layer(kwargs, "relu6"),

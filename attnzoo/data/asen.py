@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..hub import InputError
+from ..common import InputError
 
 __all__ = ["ZAPPOS_CONDITIONS", "AttributeImages", "AttributeTriplets", "Attributes", "ZapposTriplets",
            "read_attributes"]

@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..hub import InputError
+from ..common import InputError
 
 __all__ = ["CUB200"]
 

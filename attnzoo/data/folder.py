@@ -11,7 +11,7 @@ from PIL import Image
 from timm.data import ImageDataset
 from timm.data.readers.img_extensions import get_img_extensions
 
-from ..hub import InputError
+from ..common import InputError
 
 
 def _readable(path: str) -> bool:

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from ..hub import InputError
+from ..common import InputError
 
 __all__ = ["Market1501Eval", "Market1501Train", "flatten_identities", "read_market_folder"]
 

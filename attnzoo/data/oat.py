@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from ..hub import InputError
+from ..common import InputError
 
 __all__ = ["GRIDS", "Grid", "GridSearchSpec", "OATScanpaths", "collate_scanpaths", "from_authors_records",
            "load_oat_folder", "make_grid_search", "read_index_file", "split_records", "write_oat_folder"]

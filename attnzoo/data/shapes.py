@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..common import atomic_dir
 
 CLASSES = ("circle", "square", "triangle", "star", "cross")
 SPLITS = ("train", "val")
@@ -158,13 +158,7 @@ def make_shapes_dataset(root: str | os.PathLike, spec: ShapesSpec | None = None)
             raise FileExistsError(f"make_shapes_dataset: {root} exists and is not a shapes dataset made with "
                                   f"{spec}; choose another folder or delete it")
         root.rmdir()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
-        shutil.rmtree(tmp)
+    with atomic_dir(root) as tmp:
         _write(tmp, spec)
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root
 

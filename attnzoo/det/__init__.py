@@ -8,11 +8,21 @@ Importing this module (configs do it through ``custom_imports=dict(imports=['att
 3. allow-lists what mmengine's checkpoints pickle, so ``Runner(resume=True)`` and ``load_checkpoint`` work under
    torch's ``weights_only=True`` default (:mod:`attnzoo.det.checkpoint`).
 
-The rest of attnzoo never imports mmdet or mmseg.
+It needs the ``det`` extra (``pip install 'attnzoo[det]'``): without it, importing this package or any module in
+it raises :class:`attnzoo.common.MissingExtraError` naming the extra. The rest of attnzoo never imports mmengine,
+mmcv, mmdet or mmseg.
 """
 import importlib.util
 
-from . import ops
+from ..common import MissingExtraError
+
+try:
+    import mmcv  # noqa: F401
+    import mmengine  # noqa: F401
+except ImportError as e:
+    raise MissingExtraError("attnzoo.det", "det", e.name) from None
+
+from . import ops  # noqa: E402
 
 ops.install()
 

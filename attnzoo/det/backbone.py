@@ -48,7 +48,8 @@ from timm.models._features import FeatureGetterNet, _module_list
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..hub import InputError, fit_report
+from ..common import InputError
+from ..hub import fit_report
 from .checkpoint import read_mm_checkpoint
 from .necks import SimpleFPN
 

@@ -17,8 +17,8 @@ Nothing here sets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` or passes ``weights_only=
 It also makes the Runner's checkpoints atomic. mmengine's ``CheckpointHook`` hands the serialised checkpoint to
 a file backend's ``put``, which for a local path opens the final file and writes into it, so a run killed
 mid-write leaves a truncated ``iter_N.pth``. :class:`AtomicCheckpointHook` is that same hook (every option kept)
-writing through :class:`AtomicLocalBackend`, which writes a hidden temporary file beside the target and renames
-it into place. mmengine writes its ``last_checkpoint`` pointer only after the checkpoint is complete, so the
+writing through :class:`AtomicLocalBackend`, which writes a hidden temporary file beside the target, fsyncs it
+and renames it into place. mmengine writes its ``last_checkpoint`` pointer only after the checkpoint is complete, so the
 pointer never names a partial file (``attnzoo.det.runner`` reads it, falling back to the newest complete file).
 
 The authors' checkpoints. DaViT's, L2ViT's and RAVLT's authors trained their detectors and segmentors with
@@ -38,7 +38,6 @@ how the run got to that iteration.
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
 from pathlib import Path
@@ -49,6 +48,8 @@ from mmengine.fileio import LocalBackend, register_backend
 from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import HistoryBuffer
 from mmengine.registry import HOOKS
+
+from ..common import atomic_file, atomic_write
 
 __all__ = ["AtomicCheckpointHook", "AtomicLocalBackend", "SeedEachIterationHook", "WeightsOnlyCheckpointHook",
            "allow_mmengine_globals", "convert_mm_checkpoint", "read_mm_checkpoint", "NUMPY_GLOBALS"]
@@ -104,22 +105,11 @@ class WeightsOnlyCheckpointHook(Hook):
 
 
 class AtomicLocalBackend(LocalBackend):
-    """mmengine's local file backend, except that ``put`` and ``put_text`` write a temporary file in the target's
-    folder and ``os.replace`` it onto the target: a reader sees the old file or the whole new one, never part."""
+    """mmengine's local file backend, except that ``put`` and ``put_text`` write through
+    :func:`attnzoo.common.atomic_write`: a reader sees the old file or the whole new one, never part."""
 
     def put(self, obj: bytes, filepath: str | Path) -> None:
-        filepath = Path(filepath)
-        filepath.parent.mkdir(parents=True, exist_ok=True)
-        tmp = filepath.with_name(f".{filepath.name}.{os.getpid()}.tmp")  # one per process: ranks never share
-        try:
-            with open(tmp, "wb") as f:
-                f.write(obj)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, filepath)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(filepath, obj)
 
     def put_text(self, obj: str, filepath: str | Path, encoding: str = "utf-8") -> None:
         self.put(obj.encode(encoding), filepath)
@@ -185,7 +175,8 @@ def convert_mm_checkpoint(cfg, source: str | os.PathLike, out: str | os.PathLike
     ``meta`` go into ``meta.dataset_meta``."""
     from mmengine.registry import init_default_scope
 
-    from ..hub import InputError, fit_report
+    from ..common import InputError
+    from ..hub import fit_report
 
     source = Path(source)
     if not source.is_file():
@@ -217,7 +208,6 @@ def convert_mm_checkpoint(cfg, source: str | os.PathLike, out: str | os.PathLike
     classes = (checkpoint.get("meta") or {}).get("CLASSES")
     if classes:
         meta["dataset_meta"] = dict(classes=tuple(classes))
-    buffer = io.BytesIO()
-    torch.save(dict(meta=meta, state_dict={k: converted[k] for k in own}), buffer)
-    AtomicLocalBackend().put(buffer.getvalue(), out)
+    with atomic_file(out, "wb") as f:
+        torch.save(dict(meta=meta, state_dict={k: converted[k] for k in own}), f)
     return Path(out)

@@ -1,5 +1,6 @@
 """Train and test an mmdetection / mmsegmentation config with mmengine's Runner: the detection half of
-``tools/train.py`` and ``tools/eval.py`` (both hand over here when their first argument is a ``.py`` config).
+``tools/train.py`` and ``tools/eval.py`` (both hand over here when their first argument is a ``.py`` config;
+the command-line options are theirs, :func:`train` and :func:`test` take the parsed ``argparse.Namespace``).
 
     python tools/train.py configs/davit/retinanet_davit-t_fpn_1x_coco.py --data-root data/coco --output runs/ret
     python tools/train.py CONFIG --output runs/ret --resume           # continue from the last checkpoint
@@ -36,50 +37,18 @@ import argparse
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..hub import InputError
+from ..common import InputError
 
-__all__ = ["main", "test_main"]
+__all__ = ["is_main_process", "latest_checkpoint", "load_config", "test", "train"]
 
 _LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
 _EVALUATORS = {"val_evaluator": "val_dataloader", "test_evaluator": "test_dataloader"}
-
-
-def _add_common_arguments(p: argparse.ArgumentParser) -> None:
-    from mmengine.config import DictAction
-
-    p.add_argument("config", help="mmdetection/mmsegmentation config (.py)")
-    p.add_argument("--data-root", help="dataset folder that replaces the config's data_root (see the module doc)")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, default={}, metavar="KEY=VALUE",
-                   help="override config settings, e.g. train_cfg.max_epochs=3 model.backbone.drop_path_rate=0.1")
-
-
-def parse_train_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train.py", description="Train an mmdetection/mmsegmentation config.")
-    _add_common_arguments(p)
-    p.add_argument("--output", help="work dir: checkpoints and logs (default: runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    p.add_argument("--seed", type=int, help="random seed (default: the config's randomness.seed, else 0)")
-    p.add_argument("--amp", action="store_true", help="automatic mixed precision (AmpOptimWrapper; CUDA only)")
-    p.add_argument("--auto-scale-lr", action="store_true",
-                   help="scale the lr by total batch size / the config's auto_scale_lr.base_batch_size")
-    return p.parse_args(argv)
-
-
-def parse_test_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="eval.py", description="Evaluate a detection/segmentation checkpoint with "
-                                "its config's test evaluator (COCO bbox/segm mAP, mIoU).")
-    _add_common_arguments(p)
-    p.add_argument("checkpoint", help="checkpoint (.pth) written by tools/train.py or mmengine")
-    p.add_argument("--output", help="work dir for the logs (default: runs/<config name>-eval)")
-    p.add_argument("--out", help="also write the metrics to this JSON file")
-    return p.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -254,9 +223,9 @@ def latest_checkpoint(work_dir: Path) -> Path | None:
     return max(saved, key=lambda p: p.stat().st_mtime_ns) if saved else None
 
 
-def _rank() -> int:
-    """This process's rank under torchrun (0 alone); readable after the process group is gone."""
-    return int(os.environ.get("RANK", "0"))
+def is_main_process() -> bool:
+    """Whether this is rank 0 under torchrun (or the only process); readable after the process group is gone."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _build_runner(cfg):
@@ -298,22 +267,6 @@ def train(args: argparse.Namespace) -> Path | None:
     return latest_checkpoint(work_dir)
 
 
-def main(argv: list[str]) -> int:
-    """``tools/train.py CONFIG ...``: train; exit status 2 with the message for bad input."""
-    args = parse_train_args(argv)
-    try:
-        last = train(args)
-    except InputError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if _rank() == 0:
-        print(f"checkpoint: {last}", flush=True)
-    return 0
-
-
 # --------------------------------------------------------------------------------------------------------- test
 
 
@@ -338,29 +291,3 @@ def test(args: argparse.Namespace) -> dict[str, float]:
         raise InputError(f"checkpoint {checkpoint} cannot be loaded with torch.load(weights_only=True): "
                          f"{type(e).__name__}: {e}") from None
     return runner.test()
-
-
-def test_main(argv: list[str]) -> int:
-    """``tools/eval.py CONFIG CHECKPOINT ...``: print the metrics as JSON (and write them to ``--out``)."""
-    args = parse_test_args(argv)
-    try:
-        metrics = test(args)
-    except InputError as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    results = {"config": args.config, "checkpoint": args.checkpoint,
-               "metrics": {k: float(v) for k, v in metrics.items()}}
-    if _rank() != 0:
-        return 0
-    text = json.dumps(results, indent=2)
-    print(text, flush=True)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out)
-    return 0

@@ -1,24 +1,31 @@
 """What ``tools/train.py`` can train: one :class:`Task` per kind of model and data.
 
-``tools/train.py`` owns the loop (data order, DDP, AMP, gradient accumulation, EMA, atomic checkpoints, exact
-resumption, the CSV/TensorBoard log and the curves). A task owns the rest: which model, which datasets (with
-their transforms), the loss of a training batch and the validation metrics. ``--task NAME`` picks one; each
-task adds its own command-line options in :meth:`Task.add_arguments`.
+The engine (:mod:`attnzoo.engine`) owns the loop (data order, DDP, AMP, gradient accumulation, EMA, atomic
+checkpoints, exact resumption, the CSV/TensorBoard log and the curves). A task owns the rest: which model, which
+datasets (with their transforms), the loss of a training batch and the validation metrics. ``--task NAME`` picks
+one; only that task's module is imported, and it adds its own command-line options in
+:meth:`Task.add_arguments`.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from ..hub import InputError
+from ..common import InputError
 
-__all__ = ["TASKS", "Task", "batch_size", "create_model", "data_config", "get_task", "to_device"]
+if TYPE_CHECKING:
+    from ..engine.run import Run
+
+__all__ = ["TASKS", "Batch", "Task", "create_model", "data_config", "get_task"]
+
+# what a task's loader yields: tensors, possibly nested in tuples, lists and dicts (moved to the device whole)
+Batch = torch.Tensor | Sequence["Batch"] | Mapping[str, "Batch"] | str | int | float | None
 
 # name -> "module:Class", imported on first use so a task's optional dependencies load only when it runs
 TASKS: dict[str, str] = {
@@ -34,8 +41,8 @@ class Task:
     """One kind of training. Subclasses set ``name`` and ``metric`` and implement :meth:`build`, :meth:`loss`
     and :meth:`evaluate`.
 
-    ``run`` is the training process (``run.device``, ``run.rank``, ``run.world``, ``run.main``,
-    ``run.autocast()``, ``run.all_sum(values)`` and ``run.log(message)``).
+    ``run`` is the training process (:class:`attnzoo.engine.Run`: ``run.device``, ``run.rank``, ``run.world``,
+    ``run.main``, ``run.autocast()``, ``run.all_sum(values)`` and ``run.log(message)``).
     """
 
     name: ClassVar[str]
@@ -43,8 +50,10 @@ class Task:
     shard_val: ClassVar[bool] = True  # False: every process evaluates the whole val split (retrieval, decoding)
     collate_fn: ClassVar[Callable | None] = None  # for batches that torch's default collate cannot make
     find_unused_parameters: ClassVar[bool] = False  # DDP: True when some parameters get no gradient in a step
+    # its model is a timm classifier and its state() has "classes" and "data_config": tools/publish.py exports it
+    publishable: ClassVar[bool] = False
 
-    def __init__(self, args: argparse.Namespace, run: Any):
+    def __init__(self, args: argparse.Namespace, run: Run):
         self.args, self.run = args, run
 
     @staticmethod
@@ -58,17 +67,18 @@ class Task:
     def set_epoch(self, epoch: int) -> None:
         """Called before each epoch (also a resumed one): for recipes whose phases change by epoch."""
 
-    def loss(self, net: nn.Module, batch: Any) -> torch.Tensor:
+    def loss(self, net: nn.Module, batch: Batch) -> torch.Tensor:
         """The scalar loss of one training batch (already on ``run.device``). ``net`` is the model, or its DDP
         wrapper: call ``net(...)`` for the forward so that DDP synchronises the gradients."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, loader: Any) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
         """Validation metrics over the val loader (each process's share when ``shard_val``)."""
         raise NotImplementedError
 
     def state(self) -> dict:
-        """JSON-able facts a checkpoint keeps next to the weights (class names, input config, ...)."""
+        """JSON-able facts a checkpoint keeps next to the weights (class names, input config, ...), under the
+        task's name (``state.json``'s ``state[task.name]``)."""
         return {}
 
 
@@ -79,32 +89,13 @@ def get_task(name: str) -> type[Task]:
     return getattr(importlib.import_module(module), cls)
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` with every tensor in it (nested in tuples, lists and dicts) moved to ``device``."""
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-def batch_size(batch: Any) -> int:
-    """The number of samples in ``batch``: the length of its first tensor."""
-    if torch.is_tensor(batch):
-        return len(batch)
-    items = batch.values() if isinstance(batch, dict) else batch
-    return next(batch_size(b) for b in items if torch.is_tensor(b) or isinstance(b, (tuple, list, dict)))
-
-
 def create_model(args: argparse.Namespace, **kwargs) -> nn.Module:
     """``timm.create_model(args.model, ...)`` with the common model options (``--model-args``, ``--drop-path``,
     ``--pretrained``, ``--pretrained-file``) and ``kwargs`` (e.g. ``num_classes``), each failure an
     :class:`InputError` that names the model."""
     import timm
 
-    from ..hub import check_model_name
+    from ..common import check_model_name
 
     name = check_model_name(args.model)
     kwargs = {**args.model_args, **kwargs}

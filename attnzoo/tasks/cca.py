@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from timm.data import create_transform
 
+from ..common import InputError
 from ..data.asen import ZAPPOS_CONDITIONS, AttributeImages, AttributeTriplets, ZapposTriplets, read_attributes
 from ..heads.cca import ConditionalCrossAttention, attribute_map, triplet_accuracy, triplet_ranking_loss
-from ..hub import InputError
 from . import Task, create_model, data_config
 
 ASEN_DATASETS = ("FashionAI", "DARN", "DeepFashion")
@@ -104,5 +104,5 @@ class CCATask(Task):
         return out
 
     def state(self):
-        return {"cca_attributes": self.attribute_names, "cca_num_values": self.num_values,
+        return {"attributes": self.attribute_names, "num_values": self.num_values,
                 "data_config": self.data_config}

@@ -10,8 +10,8 @@ from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import accuracy
 
+from ..common import InputError
 from ..data import class_names, image_folder
-from ..hub import InputError
 from . import Task, create_model, data_config
 
 
@@ -26,6 +26,7 @@ def train_transform(args: argparse.Namespace, config: dict):
 class ClassificationTask(Task):
     name = "classification"
     metric = "top1"
+    publishable = True
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@
 
 Training is the authors' teacher-forced cross-entropy. Validation decodes greedily and reports, against the human
 scanpaths of the val split: the sequence score (Needleman-Wunsch, the lead metric), SIM of the teacher-forced
-distributions, the behavioural delta and MultiMatch on object centres (``attnzoo.heads.scanpath``). The authors
+distributions, the behavioural delta and MultiMatch on object centres (``attnzoo.heads.scanpath_metrics``). The authors
 train with Adam at lr 1e-4 (constant), batch 20, gradient clipping 1.0 and early stopping on delta: pass
 ``--opt adam --lr 1e-4 --weight-decay 0 --warmup-epochs 0 --min-lr 1e-4 --clip-grad 1.0 --batch-size 20``.
 """
@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..common import InputError
 from ..data.oat import OATScanpaths, collate_scanpaths, load_oat_folder, read_index_file, split_records
 from ..heads.oat import OAT, oat_loss
-from ..heads.scanpath import (
+from ..heads.scanpath_metrics import (
     MULTIMATCH_KEYS,
     behaviour,
     behaviour_delta,
@@ -26,7 +27,6 @@ from ..heads.scanpath import (
     scanpath_sim,
     sequence_score,
 )
-from ..hub import InputError
 from . import Task
 
 
@@ -131,4 +131,4 @@ class OATTask(Task):
         return out
 
     def state(self):
-        return {"oat": {"task": self.task_id, **self.config, "decode_len": self.max_len}}
+        return {"task": self.task_id, **self.config, "decode_len": self.max_len}

@@ -22,7 +22,7 @@ import timm
 import torch
 
 from ..backbones.sparsifiner import Sparsifiner, attention_maps, attn_recon_loss, distill_loss
-from ..hub import InputError
+from ..common import InputError
 from .classification import ClassificationTask
 
 RECON_WEIGHT = 0.01  # the authors' LOSS.ATTN_RECON.WEIGHT
@@ -34,6 +34,7 @@ class SparsifinerTask(ClassificationTask):
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
+        ClassificationTask.add_arguments(parser)  # the classification recipe's augmentation options
         g = parser.add_argument_group("sparsifiner: the two-phase recipe (--task sparsifiner)")
         g.add_argument("--sparsifiner-recon-epochs", type=int, default=5,
                        help="epochs of predictor reconstruction before the distillation phase (default 5)")

@@ -164,60 +164,10 @@ def test_triton_backend_matches_torch(size):
     torch.testing.assert_close(results["triton"][1], results["torch"][1], atol=1e-5, rtol=1e-4)
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
-    model = _small_model()
-    x = torch.randn(1, 3, 32, 40, generator=torch.Generator().manual_seed(4))
-    grads = []
-    for enable in (False, True):
-        model.set_grad_checkpointing(enable)
-        model.zero_grad()
-        with use_backend("torch"):
-            model(x).logsumexp(-1).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    assert model.stages[0].grad_checkpointing
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
-
-
 def test_torch_compile_fullgraph():
     model = _small_model().eval()
     x = torch.randn(2, 3, 64, 50, generator=torch.Generator().manual_seed(5))
     with torch.no_grad(), use_backend("torch"):
         compiled = torch.compile(model, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(x), model(x), atol=1e-6, rtol=1e-5)
-
-
-def test_features_only_feature_info():
-    model = timm.create_model("davit_tiny", features_only=True, out_indices=(1, 3)).eval()
-    assert model.feature_info.channels() == [192, 768]
-    assert model.feature_info.reduction() == [8, 32]
-    assert model.feature_info.module_name() == ["stages.1", "stages.3"]
-    with torch.no_grad(), use_backend("torch"):
-        maps = model(torch.randn(1, 3, 64, 64))
-    assert [tuple(m.shape) for m in maps] == [(1, 192, 8, 8), (1, 768, 2, 2)]
-
-
-def test_model_surface():
-    model = _small_model().eval()
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
-    with torch.no_grad(), use_backend("torch"):
-        features = model.forward_features(x)
-        assert features.shape == (2, 128, 2, 2)
-        pooled = model.forward_head(features, pre_logits=True)
-        assert pooled.shape == (2, model.num_features)
-        torch.testing.assert_close(model.get_classifier()(pooled), model(x))
-        final, intermediates = model.forward_intermediates(x)
-        torch.testing.assert_close(final, features)
-        assert [t.shape[1] for t in intermediates] == [32, 64, 96, 128]
-        model.reset_classifier(7)
-        assert model(x).shape == (2, 7)
-
-
-def test_wrong_channel_count_is_a_clear_error():
-    model = timm.create_model("davit_tiny")
-    expected = r"davit_tiny: input `x` must be an image batch \[B, 3, H, W\].*got \[1, 4, 64, 64\]"
-    with pytest.raises(ValueError, match=expected):
-        model(torch.randn(1, 4, 64, 64))
-    with pytest.raises(ValueError, match=r"davit_tiny: input `x`"):
-        model.forward_intermediates(torch.randn(3, 64, 64))
 

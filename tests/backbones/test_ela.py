@@ -195,19 +195,6 @@ def test_triton_backend_matches_torch():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
-    model = tiny_resnet().train()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    grads = []
-    for enable in (False, True):
-        model.set_grad_checkpointing(enable)
-        model.zero_grad()
-        model(x).square().sum().backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("name", ["tiny", "ela_b_mobilenetv2_100"])
 def test_torch_compile_fullgraph(name):
     model = tiny_resnet() if name == "tiny" else timm.create_model(name).eval()
@@ -216,20 +203,6 @@ def test_torch_compile_fullgraph(name):
         want = model(x)
         got = torch.compile(model, fullgraph=True, backend="eager")(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-
-
-def test_model_surface():
-    model = timm.create_model("ela_t_resnet18").eval()
-    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        feats = model.forward_features(x)
-        assert feats.shape == (1, 512, 2, 2)
-        torch.testing.assert_close(model.forward_head(feats), model(x))
-        assert model.forward_head(feats, pre_logits=True).shape == (1, 512)
-        model.reset_classifier(5)
-        assert model(x).shape == (1, 5)
-        _, intermediates = model.forward_intermediates(x)
-        assert [t.shape[1] for t in intermediates] == [f["num_chs"] for f in model.feature_info]
 
 
 @pytest.mark.parametrize("name, channels, reductions", [
@@ -241,15 +214,6 @@ def test_features_only(name, channels, reductions):
         maps = model(torch.randn(1, 3, 64, 64))
     want = [(c, 64 // r, 64 // r) for c, r in zip(channels, reductions, strict=True)]
     assert [tuple(m.shape[1:]) for m in maps] == want
-
-
-def test_bad_input_names_model_and_argument():
-    model = timm.create_model("ela_b_resnet18").eval()
-    with pytest.raises(ValueError, match=r"ela_b_resnet18: input `x` must be an image batch \[B, 3, H, W\] "
-                                         r"\(in_chans=3\), got \[1, 1, 32, 32\]"):
-        model(torch.randn(1, 1, 32, 32))
-    with pytest.raises(ValueError, match=r"ela_b_mobilenetv2_100: input `x` must be a floating-point"):
-        timm.create_model("ela_b_mobilenetv2_100")(torch.ones(1, 3, 32, 32, dtype=torch.long))
 
 
 @pytest.mark.slow

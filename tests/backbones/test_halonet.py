@@ -136,20 +136,6 @@ def test_triton_backend_matches_torch():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
-    model = tiny_halonet().train()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    grads = []
-    for enable in (False, True):
-        model.set_grad_checkpointing(enable)
-        model.zero_grad()
-        torch.manual_seed(0)
-        model(x).square().sum().backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
 def test_torch_compile_fullgraph():
     model = tiny_halonet()
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -158,26 +144,3 @@ def test_torch_compile_fullgraph():
         got = torch.compile(model, fullgraph=True, backend="eager")(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
-
-def test_model_surface():
-    model = tiny_halonet()
-    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        feats = model.forward_features(x)
-        assert feats.shape == (1, model.num_features, 4, 4)
-        torch.testing.assert_close(model.forward_head(feats), model(x))
-        assert model.forward_head(feats, pre_logits=True).shape == (1, model.num_features)
-        model.reset_classifier(5)
-        assert model(x).shape == (1, 5)
-        final, intermediates = model.forward_intermediates(x)
-        assert [t.shape[1] for t in intermediates] == [f["num_chs"] for f in model.feature_info]
-
-
-def test_features_only_feature_info():
-    model = timm.create_model("halonet26t", features_only=True, out_indices=(2, 4)).eval()
-    theirs = byoanet.halonet26t(features_only=True, out_indices=(2, 4))
-    assert model.feature_info.channels() == theirs.feature_info.channels() == [512, 2048]
-    assert model.feature_info.reduction() == theirs.feature_info.reduction() == [8, 32]
-    with torch.no_grad():
-        maps = model(torch.randn(1, 3, 256, 256))
-    assert [tuple(m.shape[1:]) for m in maps] == [(512, 32, 32), (2048, 8, 8)]

@@ -153,26 +153,6 @@ def test_triton_backend_matches_torch(size):
     assert _max_diff(grad, expected_grad) <= 1e-4 * expected_grad.abs().max().item()
 
 
-def test_grad_checkpointing_same_gradients():
-    _, model = _timm_and_ours("maxvit_rmlp_pico_rw_256", **SMALL)
-    model.train()
-    x = torch.randn(2, 3, 128, 96)
-
-    def grads():
-        torch.manual_seed(0)  # the same dropout draws (rmlp's rel-pos MLP) in both runs
-        model.zero_grad()
-        xi = x.clone().requires_grad_()
-        with use_backend("torch"):
-            model(xi).square().sum().backward()
-        return [xi.grad] + [p.grad.clone() for p in model.parameters()]
-
-    expected = grads()
-    model.set_grad_checkpointing(True)
-    assert all(s.grad_checkpointing for s in model.stages)
-    for g, e in zip(grads(), expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
-
-
 def test_torch_compile_fullgraph():
     _, model = _timm_and_ours("maxvit_tiny_tf_224", **SMALL_TF)
     x = torch.randn(1, 3, 100, 76)  # padded partitions and key masks in the graph too
@@ -224,9 +204,6 @@ def test_checkpoint_filter_fn_resizes_rel_pos_tables():
 
 
 def test_clear_errors():
-    model = timm.create_model("maxvit_tiny_tf_224", **SMALL_TF)
-    with pytest.raises(ValueError, match=r"maxvit_tiny_tf_224: the input `x` must be \[B, 3, H, W\]"):
-        model(torch.randn(1, 1, 128, 128))
     rw = timm.create_model("maxvit_rmlp_pico_rw_256", **SMALL)
     with pytest.raises(ValueError, match=r"maxvit_rmlp_pico_rw_256: .*multiples of 32 \(or one less\).*250×"):
         rw(torch.randn(1, 3, 250, 270))

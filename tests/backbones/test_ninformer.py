@@ -137,19 +137,6 @@ def test_imagenet_variants_full_forward(name):
         assert model(torch.randn(2, 3, 224, 224)).shape == (2, 1000)
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
-    model = _small_model()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    grads = []
-    for enable in (False, True):
-        model.set_grad_checkpointing(enable)
-        model.zero_grad()
-        model(x).logsumexp(-1).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
-
-
 def test_torch_compile_fullgraph():
     model = _small_model().eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -157,38 +144,3 @@ def test_torch_compile_fullgraph():
         compiled = torch.compile(model, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(x), model(x), atol=1e-6, rtol=1e-5)
 
-
-def test_model_surface():
-    model = _small_model().eval()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        features = model.forward_features(x)
-        assert features.shape == (2, 64, 32)
-        pooled = model.forward_head(features, pre_logits=True)
-        torch.testing.assert_close(pooled, features.mean(1))
-        torch.testing.assert_close(model.get_classifier()(pooled), model(x))
-        final, intermediates = model.forward_intermediates(x, indices=[0, 2])
-        torch.testing.assert_close(final, features)
-        torch.testing.assert_close(intermediates[1], features.transpose(1, 2).reshape(2, 32, 8, 8))
-        tokens = model.forward_intermediates(x, indices=1, output_fmt="NLC", intermediates_only=True)
-        torch.testing.assert_close(tokens[0], features)
-        model.reset_classifier(7)
-        assert model(x).shape == (2, 7)
-        model.reset_classifier(0)
-        torch.testing.assert_close(model(x), pooled)
-
-
-def test_features_only():
-    torch.manual_seed(0)
-    full = timm.create_model("ninformer_cifar", **TINY).eval()
-    torch.manual_seed(0)
-    model = timm.create_model("ninformer_cifar", features_only=True, out_indices=(0, 1), **TINY).eval()
-    assert model.feature_info.channels() == [32, 32] and model.feature_info.reduction() == [4, 4]
-    assert len(model.model.blocks) == 2  # the blocks past the last index are pruned
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        maps = model(x)
-        want = full.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
-    assert [tuple(m.shape) for m in maps] == [(1, 32, 8, 8)] * 2
-    for got, ref in zip(maps, want, strict=True):
-        torch.testing.assert_close(got, ref)

@@ -145,23 +145,6 @@ def test_triton_backend_matches_torch():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
-    model = _small_model().train()
-    x = torch.randn(2, 3, 32, 32)
-
-    def grads():
-        model.zero_grad()
-        torch.manual_seed(5)
-        model(x).square().sum().backward()
-        return [p.grad.clone() for p in model.parameters()]
-
-    plain = grads()
-    model.set_grad_checkpointing(True)
-    assert all(stage.grad_checkpointing for stage in model.stages)
-    for a, b in zip(plain, grads(), strict=True):
-        torch.testing.assert_close(a, b)
-
-
 def test_torch_compile_fullgraph():
     model = _small_model().eval()
     x = torch.randn(1, 3, 40, 48)
@@ -170,37 +153,7 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-6, rtol=1e-5)
 
 
-def test_features_only_feature_info():
-    model = _small_model(features_only=True, out_indices=(0, 2)).eval()
-    assert model.feature_info.channels() == [16, 48]
-    assert model.feature_info.reduction() == [4, 16]
-    full = _small_model().eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        feats = model(x)
-        intermediates = full.forward_intermediates(x, indices=(0, 2), intermediates_only=True)
-    for f, g in zip(feats, intermediates, strict=True):
-        torch.testing.assert_close(f, g)
-
-
-def test_model_surface():
-    model = _small_model().eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        features = model.forward_features(x)
-        assert features.shape == (2, 64, 1, 1)
-        assert model.forward_head(features, pre_logits=True).shape == (2, 32)
-        torch.testing.assert_close(model.forward_head(features), model(x))
-        model.reset_classifier(3)
-        assert model(x).shape == (2, 3)
-        model.reset_classifier(0)
-        assert model(x).shape == (2, 32)
-
-
-def test_bad_input_is_a_clear_error():
-    model = _small_model()
-    with pytest.raises(ValueError, match=r"ravlt_t: input `x` must be an image batch \[B, 3, H, W\]"):
-        model(torch.randn(1, 3, 32))
+def test_bad_configuration_is_a_clear_error():  # bad input: tests/backbones/test_contract.py
     with pytest.raises(ValueError, match=r"RAVLT: each of `dims` \(16, 32, 48, 60\) must be divisible"):
         RAVLT(dims=(16, 32, 48, 60), num_heads=(1, 2, 3, 4))
 

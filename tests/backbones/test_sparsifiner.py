@@ -192,49 +192,12 @@ def test_triton_backend_matches_torch():
     torch.testing.assert_close(results["triton"][1], results["torch"][1], atol=1e-5, rtol=1e-4)
 
 
-def test_grad_checkpointing_gives_the_same_gradients():
-    model = _tiny()
-    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(8))
-    grads = []
-    for enable in (False, True):
-        model.set_grad_checkpointing(enable)
-        model.zero_grad()
-        with use_backend("torch"):
-            model(x).logsumexp(-1).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
-
-
 def test_torch_compile_fullgraph():
     model = _tiny().eval()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))
     with torch.no_grad(), use_backend("torch"):
         compiled = torch.compile(model, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(x), model(x), atol=1e-6, rtol=1e-5)
-
-
-def test_model_surface_and_features_only():
-    model = _tiny().eval()
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(10))
-    with torch.no_grad(), use_backend("torch"):
-        features = model.forward_features(x)
-        assert features.shape == (2, 17, 32)
-        pooled = model.forward_head(features, pre_logits=True)
-        torch.testing.assert_close(pooled, features[:, 0])
-        torch.testing.assert_close(model.get_classifier()(pooled), model(x))
-        final, maps = model.forward_intermediates(x, indices=[0, 1])
-        torch.testing.assert_close(final, features)
-        assert [m.shape for m in maps] == [(2, 32, 4, 4)] * 2
-        model.reset_classifier(5)
-        assert model(x).shape == (2, 5)
-    torch.manual_seed(0)
-    feats = timm.create_model("sparsifiner_deit_small_patch16_224", features_only=True, out_indices=(0,),
-                              **TINY, **TINY_PREDICTOR).eval()
-    assert feats.feature_info.channels() == [32] and feats.feature_info.reduction() == [16]
-    with torch.no_grad(), use_backend("torch"):
-        torch.testing.assert_close(feats(x)[0], maps[0])
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 96, 96), (1, 1, 64, 64)])

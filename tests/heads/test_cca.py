@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from attnzoo.common import InputError
 from attnzoo.data.asen import AttributeImages, Attributes, AttributeTriplets, ZapposTriplets, read_attributes
 from attnzoo.heads.cca import (
     ConditionalCrossAttention,
@@ -23,7 +24,6 @@ from attnzoo.heads.cca import (
     triplet_accuracy,
     triplet_ranking_loss,
 )
-from attnzoo.hub import InputError
 
 from ..tools.conftest import load_tool
 
@@ -372,7 +372,7 @@ def test_train_tool_writes_a_checkpoint_and_resumes_exactly(tmp_path, capsys):
     a, b = load_file(checkpoint(whole) / "model.safetensors"), load_file(checkpoint(split) / "model.safetensors")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     state = json.loads((checkpoint(whole) / "state.json").read_text())
-    assert (state["step"], state["cca_attributes"], state["cca_num_values"]) == (4, ["shape", "colour"], [3, 3])
+    assert (state["step"], state["cca"]["attributes"], state["cca"]["num_values"]) == (4, ["shape", "colour"], [3, 3])
     rows = (whole / "log.csv").read_text().splitlines()
     header = rows[0].split(",")
     assert len(rows) == 3 and {"mAP", "mAP_shape", "mAP_colour"} <= set(header)

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from attnzoo.backbones.sparsifiner import attention_maps
+from attnzoo.common import InputError
 from attnzoo.data.cub import CUB200
 from attnzoo.data.market1501 import Market1501Eval, Market1501Train, flatten_identities
 from attnzoo.heads.dcal import (
@@ -23,7 +24,6 @@ from attnzoo.heads.dcal import (
     reid_metrics,
     uncertainty_weighted_loss,
 )
-from attnzoo.hub import InputError
 from attnzoo.kernels import trace, use_backend
 
 # a ViT of 4×4 patches of 8 px on 32 px images, two blocks: a CPU step takes milliseconds
@@ -359,7 +359,7 @@ def test_train_tool_runs_dcal_on_cub_writes_a_checkpoint_and_resumes_exactly(tmp
         return root / json.loads((root / "last.json").read_text())["checkpoint"]
 
     state = json.loads((checkpoint("whole") / "state.json").read_text())
-    assert state["step"] == 3 and state["classes"] == ["001.Bird_1", "002.Bird_2"]
+    assert state["step"] == 3 and state["dcal"]["classes"] == ["001.Bird_1", "002.Bird_2"]
     assert {"top1", "top1_sa", "top1_glca", "val_loss"} <= set(state["metrics"])
     whole, cut = (load_file(checkpoint(r) / "model.safetensors") for r in ("whole", "cut"))
     assert {"loss_weights", "glca_block.attn.qkv.weight", "backbone.cls_token"} <= whole.keys()

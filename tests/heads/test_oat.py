@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from attnzoo.common import InputError
 from attnzoo.data.oat import (
     GridSearchSpec,
     OATScanpaths,
@@ -23,8 +24,7 @@ from attnzoo.data.oat import (
     write_oat_folder,
 )
 from attnzoo.heads.oat import OAT, fit_position_table, oat_loss
-from attnzoo.heads.scanpath import sequence_score
-from attnzoo.hub import InputError
+from attnzoo.heads.scanpath_metrics import sequence_score
 
 SMALL = dict(d_model=32, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32, dropout=0.0)
 CROP = 29  # the smallest crop the paper's CNN takes
@@ -364,6 +364,10 @@ def test_train_tool_runs_checkpoints_and_resumes(tmp_path, capsys):
     config = {k: v for k, v in state["oat"].items() if k not in ("task", "decode_len")}
     model = OAT(**{**config, "crop_size": tuple(config["crop_size"])})
     model.load_state_dict(load_file(ckpt / "model.safetensors"))  # strict: the checkpoint is the whole model
+    # OAT is no timm classifier: publish refuses the run, naming the task, and writes nothing
+    capsys.readouterr()
+    assert load_tool("publish").main([str(out), "--out", str(tmp_path / "hub")]) == 2
+    assert "trained with --task oat" in capsys.readouterr().err and not (tmp_path / "hub").exists()
     # bad input exits 2 with the file named
     (data / "records.json").unlink()
     assert train.main([str(data), "--task", "oat", "--output", str(tmp_path / "r2")]) == 2

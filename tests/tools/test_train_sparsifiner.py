@@ -10,6 +10,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from attnzoo.engine import Run
 from attnzoo.tasks import get_task
 
 from .conftest import FAST, load_tool
@@ -37,7 +38,7 @@ def test_phases_train_the_predictor_then_the_backbone(shapes, tmp_path):
     # the initial weights: train.py seeds with --seed (0) and then builds the model
     args = train.parse_args([str(shapes), *RUN])
     torch.manual_seed(0)
-    task = get_task("sparsifiner")(args, train.Run(args))
+    task = get_task("sparsifiner")(args, Run(args.amp))
     model, train_set, _ = task.build()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     teacher = task.teacher.state_dict()
@@ -67,7 +68,7 @@ def test_a_model_that_is_not_a_sparsifiner_is_refused(shapes, tmp_path, capsys):
 def test_loss_is_the_phase_loss(shapes, recon):
     args = train.parse_args([str(shapes), *RUN])
     torch.manual_seed(0)
-    task = get_task("sparsifiner")(args, train.Run(args))
+    task = get_task("sparsifiner")(args, Run(args.amp))
     model, _, _ = task.build()
     task.set_epoch(0 if recon else 1)
     model.train()

@@ -1,4 +1,4 @@
-"""Scanpath metrics (attnzoo.heads.scanpath) on cases computed by hand."""
+"""Scanpath metrics (attnzoo.heads.scanpath_metrics) on cases computed by hand."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from attnzoo.heads.scanpath import (
+from attnzoo.heads.scanpath_metrics import (
     behaviour,
     behaviour_delta,
     multimatch,

@@ -1,0 +1,85 @@
+"""The training process's context: its place in the process group, its device and its autocast dtype."""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from ..common import InputError
+
+__all__ = ["AMP_CHOICES", "Run"]
+
+AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+
+
+class Run:
+    """One training process. Under torchrun (``WORLD_SIZE`` > 1) it joins the process group (NCCL on GPUs, gloo
+    on the CPU); on a GPU machine it takes the GPU ``LOCAL_RANK``.
+
+    ``amp``: the autocast dtype; ``auto`` is bf16 on a CUDA device that supports it, none otherwise.
+    """
+
+    world: int
+    rank: int
+    main: bool  # rank 0: the process that logs and writes
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+    def __init__(self, amp: Literal["auto", "none", "bf16", "fp16"] = "auto"):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        self.main = self.rank == 0
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if amp not in AMP_CHOICES:
+            raise InputError(f"--amp {amp!r}: choose one of {', '.join(AMP_CHOICES)}")
+        if amp == "auto":
+            amp = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+        if amp == "fp16" and self.device.type != "cuda":
+            raise InputError("--amp fp16 needs a CUDA device (use bf16 or none on the CPU)")
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+    def log(self, message: str) -> None:
+        """Print ``message`` on the main process."""
+        if self.main:
+            print(message, flush=True)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The run's autocast (a no-op without AMP)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def all_sum(self, values: Sequence[float]) -> list[float]:
+        """``values`` summed over the processes (float64)."""
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def gather(self, obj: object) -> list[object]:
+        """``obj`` of every process, in rank order (a list of one alone)."""
+        if self.world == 1:
+            return [obj]
+        gathered: list[object] = [None] * self.world
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    @staticmethod
+    def close() -> None:
+        """Leave the process group, if any (safe to call in every case)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,262 @@
+"""The training loop: a :class:`attnzoo.tasks.Task` trained with timm's optimizer, cosine schedule and EMA,
+under DDP and AMP, with gradient accumulation, periodic checkpoints and exact resumption.
+
+Resuming is exact: the data order is a function of (seed, epoch) (:class:`~attnzoo.engine.sampler.EpochSampler`),
+each sample's augmentation draws from a generator seeded by (seed, epoch, index)
+(:class:`~attnzoo.engine.sampler.SeededSamples`), and the python/numpy/torch RNG states of every process are in
+the checkpoint, so a killed and resumed run reaches the same weights at step N as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import random
+import time
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ..common import InputError
+from ..tasks import Task, get_task
+from .checkpoint import (
+    join_optimizer_state,
+    last_checkpoint,
+    read_state,
+    read_tensors,
+    rng_state,
+    set_rng_state,
+    split_optimizer_state,
+    write_checkpoint,
+)
+from .log import Log
+from .run import Run
+from .sampler import EpochSampler, SeededSamples
+
+__all__ = ["RESUME_OVERRIDES", "Trainer", "batch_size", "build_loaders", "resolve_resume", "to_device", "train"]
+
+# options that a resumed run may change; every other one is taken from the checkpoint
+RESUME_OVERRIDES = ("data", "output", "resume", "max_steps", "workers")
+
+B = TypeVar("B")
+
+
+def to_device(batch: B, device: torch.device) -> B:
+    """``batch`` with every tensor in it (nested in tuples, lists and dicts) moved to ``device``."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def batch_size(batch: object) -> int:
+    """The number of samples in ``batch``: the length of its first tensor."""
+    if torch.is_tensor(batch):
+        return len(batch)
+    items = batch.values() if isinstance(batch, dict) else batch
+    return next(batch_size(b) for b in items if torch.is_tensor(b) or isinstance(b, (tuple, list, dict)))
+
+
+def build_loaders(run: Run, task: Task, args: argparse.Namespace, train_set: Dataset,
+                  val_set: Dataset) -> tuple[DataLoader, DataLoader]:
+    """Loaders whose order is a function of (seed, epoch) and whose samples draw their randomness from seeds."""
+    if len(train_set) < run.world * args.batch_size:
+        raise InputError(f"{args.data}: the training split has {len(train_set)} samples, fewer than one batch "
+                         f"({run.world} process(es) x --batch-size {args.batch_size})")
+    loaders = []
+    for dataset, train in ((train_set, True), (val_set, False)):
+        rank, world = (run.rank, run.world) if train or task.shard_val else (0, 1)
+        sampler = EpochSampler(len(dataset), args.batch_size, rank, world, args.seed, train)
+        loaders.append(DataLoader(
+            SeededSamples(dataset), batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+            pin_memory=run.device.type == "cuda", generator=torch.Generator().manual_seed(args.seed),
+            collate_fn=task.collate_fn,
+        ))
+    return loaders[0], loaders[1]
+
+
+class Trainer:
+    """Builds the task's model and data on ``run``, then :meth:`train` runs (or, after :meth:`restore`,
+    continues) the loop. ``args`` are the engine's options (``tools/train.py``) and the task's."""
+
+    def __init__(self, run: Run, args: argparse.Namespace):
+        self.run, self.args = run, args
+        self.output = Path(args.output)
+        torch.manual_seed(args.seed)  # the same initial weights on every process
+        self.task = get_task(args.task)(args, run)
+        model, train_set, val_set = self.task.build()
+        self.model = model.to(run.device)
+        self.train_loader, self.val_loader = build_loaders(run, self.task, args, train_set, val_set)
+        self.ddp = None
+        if run.world > 1:
+            self.ddp = DistributedDataParallel(self.model, find_unused_parameters=self.task.find_unused_parameters)
+        self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay)
+        self.batches = self.train_loader.sampler.batches_per_epoch()
+        self.steps_per_epoch = math.ceil(self.batches / args.accum_steps)
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched="cosine", num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+            warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False,
+            updates_per_epoch=self.steps_per_epoch,
+        )
+        self.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)
+        self.ema = ModelEmaV3(self.model, decay=args.ema_decay, use_warmup=True) if args.ema_decay else None
+        self.step = self.epoch = self.start_batch = 0
+        self.metrics: dict = {}
+        random.seed(args.seed + run.rank)  # training randomness (dropout, mixup) differs across processes
+        np.random.seed(args.seed + run.rank)
+        torch.manual_seed(args.seed + run.rank)
+
+    # -- checkpoints
+
+    def save(self, epoch: int, batch: int) -> None:
+        """Checkpoint the state after optimizer step ``self.step``; training continues at (epoch, batch)."""
+        gathered = self.run.gather(rng_state())
+        if self.run.main:
+            opt_tensors, opt_plain = split_optimizer_state(self.optimizer.state_dict())
+            for rank, (_, tensors) in enumerate(gathered):
+                opt_tensors.update({f"rng.{rank}.{k}": v.cpu() for k, v in tensors.items()})
+            state = {
+                "step": self.step, "epoch": epoch, "batch": batch, "world_size": self.run.world,
+                "args": vars(self.args), self.task.name: self.task.state(), "optimizer": opt_plain,
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": [plain for plain, _ in gathered], "metrics": self.metrics,
+            }
+            tensors = {"model": self.model.state_dict()}
+            if self.ema is not None:
+                tensors["ema"] = self.ema.module.state_dict()
+            tensors["optimizer"] = opt_tensors
+            write_checkpoint(self.output, self.step, tensors, state)
+        self.run.barrier()
+
+    def restore(self, folder: Path) -> None:
+        state = read_state(folder)
+        if state["world_size"] != self.run.world:
+            raise InputError(f"--resume: {folder} was written by {state['world_size']} process(es); resume with "
+                             f"the same number (torchrun --nproc_per_node={state['world_size']})")
+        self.model.load_state_dict(read_tensors(folder, "model", self.run.device))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(read_tensors(folder, "ema", self.run.device))
+        tensors = read_tensors(folder, "optimizer")
+        self.optimizer.load_state_dict(join_optimizer_state(tensors, state["optimizer"]))
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.start_batch = state["step"], state["epoch"], state["batch"]
+        self.metrics = state["metrics"]
+        prefix = f"rng.{self.run.rank}."
+        set_rng_state(state["rng"][self.run.rank],
+                      {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        self.scheduler.step_update(self.step)
+        self.run.log(f"resumed from {folder} at step {self.step} (epoch {self.epoch}, batch {self.start_batch})")
+
+    # -- the loop
+
+    def train(self) -> None:
+        args, run = self.args, self.run
+        log = Log(self.output, run.main, resumed_step=self.step if args.resume else None, metric=self.task.metric)
+        self.scheduler.step_update(self.step)
+        total_steps = args.epochs * self.steps_per_epoch
+        if args.max_steps is not None:
+            total_steps = min(total_steps, args.max_steps)
+        net = self.ddp or self.model
+        while self.step < total_steps:
+            epoch, first = self.epoch, self.start_batch
+            self.train_loader.sampler.set_epoch(epoch, first)
+            self.task.set_epoch(epoch)
+            net.train()
+            loss_sum, seen, started = 0.0, 0, time.perf_counter()
+            bar = tqdm(self.train_loader, total=self.batches, initial=first, disable=not run.main,
+                       desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True, leave=False)
+            for i, batch in enumerate(bar, start=first):
+                batch = to_device(batch, run.device)
+                n = batch_size(batch)
+                group_start = i - i % args.accum_steps
+                group_end = min(group_start + args.accum_steps, self.batches)
+                update = i + 1 == group_end
+                with (contextlib.nullcontext() if update or self.ddp is None else self.ddp.no_sync()):
+                    with run.autocast():
+                        loss = self.task.loss(net, batch)
+                    self.scaler.scale(loss / (group_end - group_start)).backward()
+                loss_sum, seen = loss_sum + loss.item() * n, seen + n
+                if not update:
+                    continue
+                if args.clip_grad:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.scheduler.step_update(self.step)
+                if self.ema is not None:
+                    self.ema.update(self.model, step=self.step)
+                per_s = seen * run.world / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{self._lr():.2e}", img_s=f"{per_s:.1f}")
+                if i + 1 == self.batches or self.step == total_steps:
+                    break
+                if args.checkpoint_every and self.step % args.checkpoint_every == 0:
+                    self.save(epoch, i + 1)
+            bar.close()
+            if i + 1 < self.batches:  # stopped by --max-steps inside the epoch
+                self.save(epoch, i + 1)
+                break
+            elapsed = time.perf_counter() - started
+            self.model.eval()
+            val = self.task.evaluate(self.model, self.val_loader)
+            row = {"epoch": epoch + 1, "step": self.step, "lr": self._lr(),
+                   "train_loss": run.all_sum([loss_sum])[0] / (seen * run.world), **val,
+                   "img_per_s": seen * run.world / elapsed, "seconds": elapsed}
+            if self.ema is not None:
+                self.ema.module.eval()
+                row.update({f"ema_{k}": v for k, v in self.task.evaluate(self.ema.module, self.val_loader).items()
+                            if not k.endswith("loss")})
+            self.metrics = row
+            log.write(row)
+            run.log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            self.epoch, self.start_batch = epoch + 1, 0
+            self.save(self.epoch, 0)
+        log.close()
+
+    def _lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def resolve_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, Path | None]:
+    """The options a run goes with, and the checkpoint it resumes from: with ``--resume``, the checkpoint's
+    options except :data:`RESUME_OVERRIDES`; without, an :class:`InputError` if ``--output`` holds a run."""
+    output = Path(args.output)
+    checkpoint = last_checkpoint(output)
+    if args.resume:
+        if checkpoint is None:
+            raise InputError(f"--resume: no checkpoint in {output}/checkpoints to resume from")
+        saved = read_state(checkpoint)["args"]
+        return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESUME_OVERRIDES}}), checkpoint
+    if checkpoint is not None:
+        raise InputError(f"{output} already holds a run (checkpoint {checkpoint.name}); pass --resume to "
+                         "continue it or choose another --output")
+    return args, None
+
+
+def train(args: argparse.Namespace) -> Path | None:
+    """Train (or, with ``--resume``, continue) the run ``args`` describe; returns its last checkpoint. The
+    caller leaves the process group (:meth:`Run.close`) whatever happens."""
+    args, checkpoint = resolve_resume(args)
+    run = Run(args.amp)
+    trainer = Trainer(run, args)
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    trainer.train()
+    last = last_checkpoint(Path(args.output))
+    run.log(f"checkpoint: {last}\nlog: {Path(args.output) / 'log.csv'}\ncurves: {Path(args.output) / 'curves.png'}")
+    return last
