@@ -20,9 +20,9 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.runner import load_checkpoint  # noqa: E402
 
 import attnzoo.det  # noqa: E402, F401
+from attnzoo.common import InputError  # noqa: E402
 from attnzoo.det import AttnzooBackbone  # noqa: E402
 from attnzoo.det.checkpoint import convert_mm_checkpoint  # noqa: E402
-from attnzoo.common import InputError  # noqa: E402
 
 from ..backbones.test_davit import _to_msft_layout  # noqa: E402
 from .test_configs import build  # noqa: E402
