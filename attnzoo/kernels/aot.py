@@ -241,11 +241,13 @@ def capture(target: Target = SM90) -> Iterator[Capture]:
 @dataclasses.dataclass(frozen=True)
 class ModelCase:
     """A model whose fused-op launches the check compiles: ``build()`` makes it (on the current default
-    device), ``size`` is its input (H, W), None for the model's default."""
+    device), ``size`` is its input (H, W), None for the model's default; ``run(model, x)`` what to run, by
+    default :func:`train_and_eval`."""
 
     name: str
     build: Callable[[], torch.nn.Module]
     size: tuple[int, int] | None = None
+    run: Callable[[torch.nn.Module, torch.Tensor], None] | None = None
 
     @property
     def label(self) -> str:
@@ -264,6 +266,18 @@ def _dcal() -> torch.nn.Module:
     return DCAL(timm.create_model("deit_small_patch16_224"))
 
 
+def _dcal_rollout(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """DCAL's attention rollout over its backbone's own (q, k) of every layer. Not through DCAL.forward, whose
+    rollout opens ``torch.autocast(q.device.type)``, which has no meta device type."""
+    from attnzoo.kernels import rollout_step
+    model.eval()
+    with torch.no_grad():
+        _, _, queries_keys = model._self_attention(x)
+        r = x.new_zeros(x.shape[0], queries_keys[0][0].shape[2], dtype=torch.float32)
+        for q, k, scale in queries_keys:
+            rollout_step(q, k, r, scale)
+
+
 # issue 13 item 3: each model at its default size, DaViT at a detection size, MaxViT at 384
 MODEL_CASES = (
     ModelCase("davit_tiny", _timm("davit_tiny")),
@@ -276,7 +290,7 @@ MODEL_CASES = (
     ModelCase("sparsifiner_deit_small_patch16_224", _timm("sparsifiner_deit_small_patch16_224")),
     ModelCase("ela_b_resnet18", _timm("ela_b_resnet18")),
     ModelCase("ulsam_mobilenetv2_100", _timm("ulsam_mobilenetv2_100")),
-    ModelCase("dcal_deit_small_patch16_224", _dcal),  # DCAL's attention rollout on a ViT-S/DeiT-S
+    ModelCase("dcal_deit_small_patch16_224", _dcal, run=_dcal_rollout),  # DCAL's rollout on a DeiT-S
 )
 
 
@@ -303,33 +317,41 @@ def _meta_values() -> Iterator[None]:
         torch.Tensor.item = item
 
 
+def train_and_eval(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Training forward and backward (of the output's sum), then an eval forward."""
+    model.train()
+    _output_sum(model(x)).backward()
+    model.eval()
+    with torch.no_grad():
+        model(x)
+
+
 def run_case(case: ModelCase, dtype: torch.dtype, batch: int = 2, device: str = "meta") -> None:
-    """Run ``case`` in ``dtype``: training forward and backward (of the output's sum), then eval forward."""
+    """Run ``case`` in ``dtype`` with the triton backend forced."""
     torch.manual_seed(0)
     with torch.device(device):
         model = case.build().to(dtype)
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "backbone").pretrained_cfg  # DCAL: its ViT
         x = torch.randn(batch, 3, *(case.size or cfg["input_size"][1:]), dtype=dtype)
     with use_backend("triton"), _meta_values():
-        model.train()
-        loss = _output_sum(model(x))
-        if loss.requires_grad:
-            loss.backward()
-        model.eval()
-        with torch.no_grad():
-            model(x)
+        (case.run or train_and_eval)(model, x)
 
 
 def capture_models(cases: Iterable[ModelCase] = MODEL_CASES, dtypes: Iterable[str] = tuple(DTYPES),
-                   targets: Iterable[Target] = TARGETS, batch: int = 2, device: str = "meta") -> dict[Launch, list[str]]:
+                   targets: Iterable[Target] = TARGETS, batch: int = 2, device: str = "meta",
+                   progress: Callable[[str], None] | None = None) -> dict[Launch, list[str]]:
     """The unique launches of ``cases`` in each dtype, configured for each target, with where each was seen
     (``"davit_tiny@800x1333 bf16"``). Batch 2 by default, so no batch-derived integer is specialized as 1."""
     found: dict[Launch, list[str]] = {}
     for target in targets:
         for case in cases:
             for dt in dtypes:
+                t0 = time.perf_counter()
                 with capture(target) as cap, cap.label(f"{case.label} {dt}"):
                     run_case(case, DTYPES[dt], batch, device)
+                if progress:
+                    progress(f"{target.name} {case.label} {dt}: {len(cap.launches)} launches, "
+                             f"{time.perf_counter() - t0:.1f} s")
                 if not cap.launches:
                     raise RuntimeError(f"aot: {case.label} in {dt} launched no Triton kernel; the check would "
                                        f"compile nothing for it (are its ops still dispatched to triton?)")
@@ -580,43 +602,66 @@ class _Worker:
             self.kill()
 
 
-def compile_reports(launches: Iterable[Launch], jobs: int = 2, time_limit: float = TIME_LIMIT_S,
-                    use_cache: bool = True, progress: Callable[[Report], None] | None = None) -> list[Report]:
-    """Compile every launch in up to ``jobs`` worker processes; a compile past ``time_limit`` CPU seconds is
-    killed and reported as timed out. Returns the reports in the order of ``launches``."""
-    todo = list(dict.fromkeys(launches))
-    results: dict[Launch, Report] = {}
-    queue = list(reversed(todo))
-    workers: list[_Worker] = []
-    try:
-        while queue or any(w.launch for w in workers):
-            while queue and len([w for w in workers if w.launch is None]) == 0 and len(workers) < jobs:
-                workers.append(_Worker())
-            for w in workers:
-                if w.launch is None and queue:
-                    w.submit(queue.pop(), use_cache)
-            busy = [w for w in workers if w.launch is not None]
+class CompilePool:
+    """Up to ``jobs`` compile worker processes, kept between calls of :meth:`run` (a worker costs an import of
+    torch and attnzoo); a compile past ``time_limit`` CPU seconds (or twice that of wall time) is killed and
+    reported as timed out. Use as a context manager, or :meth:`close` it."""
+
+    def __init__(self, jobs: int = 2, time_limit: float = TIME_LIMIT_S, use_cache: bool = True):
+        self.jobs, self.time_limit, self.use_cache = jobs, time_limit, use_cache
+        self.workers: list[_Worker] = []
+
+    def __enter__(self) -> CompilePool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.close()
+        self.workers = []
+
+    def run(self, launches: Iterable[Launch], progress: Callable[[Report], None] | None = None) -> list[Report]:
+        """The reports of ``launches``, in their order."""
+        todo = list(dict.fromkeys(launches))
+        results: dict[Launch, Report] = {}
+        queue = list(reversed(todo))
+
+        def done(launch: Launch, report: Report) -> None:
+            results[launch] = report
+            if progress:
+                progress(report)
+
+        while queue or any(w.launch for w in self.workers):
+            idle = [w for w in self.workers if w.launch is None]
+            while queue and len(idle) < len(queue) and len(self.workers) < self.jobs:
+                self.workers.append(_Worker())
+                idle.append(self.workers[-1])
+            for w in idle:
+                if queue:
+                    w.submit(queue.pop(), self.use_cache)
+            busy = [w for w in self.workers if w.launch is not None]
             ready, _, _ = select.select([w.proc.stdout for w in busy], [], [], 0.5)
             for w in busy:
                 if w.proc.stdout in ready:
                     launch = w.launch
                     report = w.read()
                     if report is not None:
-                        results[launch] = report
-                        if progress:
-                            progress(report)
-                elif w.over(time_limit):
-                    report = Report(w.launch, timed_out=True, error=f"compile over {time_limit:.0f} s",
-                                    max_shared=_target(w.launch.target).max_shared, seconds=time_limit)
-                    results[w.launch] = report
-                    if progress:
-                        progress(report)
+                        done(launch, report)
+                elif w.over(self.time_limit):
+                    done(w.launch, Report(w.launch, timed_out=True, error=f"compile over {self.time_limit:.0f} s",
+                                          max_shared=_target(w.launch.target).max_shared, seconds=self.time_limit))
                     w.kill()
-                    workers.remove(w)
-    finally:
-        for w in workers:
-            w.close()
-    return [results[launch] for launch in todo]
+                    self.workers.remove(w)
+        return [results[launch] for launch in todo]
+
+
+def compile_reports(launches: Iterable[Launch], jobs: int = 2, time_limit: float = TIME_LIMIT_S,
+                    use_cache: bool = True, progress: Callable[[Report], None] | None = None) -> list[Report]:
+    """Compile every launch in a :class:`CompilePool` of ``jobs`` processes; the reports in their order."""
+    with CompilePool(jobs, time_limit, use_cache) as pool:
+        return pool.run(launches, progress)
 
 
 def _worker_main() -> None:
@@ -711,7 +756,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c for c in MODEL_CASES if not args.model or any(m in c.label for m in args.model)]
     targets = [t for t in TARGETS if not args.target or t.name in args.target]
     t0 = time.perf_counter()
-    found = capture_models(cases, args.dtype or list(DTYPES), targets, args.batch, args.device)
+    found = capture_models(cases, args.dtype or list(DTYPES), targets, args.batch, args.device,
+                           progress=lambda text: print(text, file=sys.stderr))
     launches = [ln for ln in found if (not args.op or ln.op in args.op)
                 and (not args.kernel or any(k in ln.name for k in args.kernel))]
     if not args.all:
