@@ -164,6 +164,9 @@ class Capture:
             seen.append(self._label)
 
 
+_BINDERS: dict = {}  # (Python function, arch) -> (JITFunction, backend, Triton's argument binder)
+
+
 def _launch_of(fn, args, kwargs, target: Target) -> Launch:
     """The Launch Triton would compile for ``fn(*args, **kwargs)`` on ``target``: Triton's own binder and
     argument packing, with the CUDA backend's specialization rules."""
@@ -172,9 +175,12 @@ def _launch_of(fn, args, kwargs, target: Target) -> Launch:
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
     python_fn = fn.fn  # an InterpretedFunction or a JITFunction both keep the Python function
-    jit = fn if isinstance(fn, JITFunction) else JITFunction(python_fn)
-    backend = CUDABackend(GPUTarget("cuda", target.arch, 32))
-    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    key = (python_fn, target.arch)
+    if key not in _BINDERS:
+        jit = fn if isinstance(fn, JITFunction) else JITFunction(python_fn)
+        backend = CUDABackend(GPUTarget("cuda", target.arch, 32))
+        _BINDERS[key] = jit, backend, create_function_from_signature(jit.signature, jit.params, backend)
+    jit, backend, binder = _BINDERS[key]
     kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
@@ -359,6 +365,31 @@ def capture_models(cases: Iterable[ModelCase] = MODEL_CASES, dtypes: Iterable[st
                     seen = found.setdefault(launch, [])
                     seen.extend(lb for lb in labels if lb not in seen)
     return found
+
+
+def cached_capture_models(cases: Iterable[ModelCase] = MODEL_CASES, dtypes: Iterable[str] = tuple(DTYPES),
+                          targets: Iterable[Target] = TARGETS, batch: int = 2,
+                          device: str = "meta") -> dict[Launch, list[str]]:
+    """:func:`capture_models`, stored on disk keyed by attnzoo's source (every .py file), the versions of torch,
+    timm and triton, and the arguments; processes that ask at once (pytest-xdist workers) capture only once."""
+    import filelock
+    import timm
+    import triton
+
+    cases, dtypes, targets = list(cases), list(dtypes), list(targets)
+    h = hashlib.sha256(json.dumps([torch.__version__, timm.__version__, triton.__version__, [c.label for c in cases],
+                                   dtypes, [t.name for t in targets], batch, device]).encode())
+    package = Path(attnzoo.__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    path = CACHE_DIR / f"capture-{h.hexdigest()}.json"
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(path) + ".lock"):
+        if path.exists():
+            return {Launch.from_json(ln): seen for ln, seen in json.loads(path.read_text())}
+        found = capture_models(cases, dtypes, targets, batch, device)
+        path.write_text(json.dumps([[ln.to_json(), seen] for ln, seen in found.items()]))
+        return found
 
 
 def representative(launches: Iterable[Launch]) -> list[Launch]:
@@ -727,6 +758,16 @@ def markdown(reports: Iterable[Report], time_limit: float = TIME_LIMIT_S) -> str
     return "\n".join(lines) + "\n"
 
 
+def write_readme_table(readme: Path, table_md: str) -> None:
+    """Replace what lies between ``<!-- kernels:start -->`` and ``<!-- kernels:end -->`` in ``readme``."""
+    text = readme.read_text()
+    start, end = "<!-- kernels:start -->\n", "<!-- kernels:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"aot: {readme} has no {start.strip()} ... {end} block for the kernel table")
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + table_md + end + rest.split(end, 1)[1])
+
+
 # -------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -745,7 +786,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="meta", choices=["meta", "cpu"], help="where the models run")
     parser.add_argument("--no-cache", action="store_true", help=f"recompile everything (cache: {CACHE_DIR})")
     parser.add_argument("--json", type=Path, help="write every report here")
-    parser.add_argument("--markdown", type=Path, help="write the README table here")
+    parser.add_argument("--markdown", type=Path, help="write the README table to this file")
+    parser.add_argument("--readme", type=Path, help="write the table into this README, between its "
+                        "<!-- kernels:start --> and <!-- kernels:end --> lines")
     parser.add_argument("--seen", action="store_true", help="print where each launch was seen")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -756,8 +799,12 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c for c in MODEL_CASES if not args.model or any(m in c.label for m in args.model)]
     targets = [t for t in TARGETS if not args.target or t.name in args.target]
     t0 = time.perf_counter()
-    found = capture_models(cases, args.dtype or list(DTYPES), targets, args.batch, args.device,
-                           progress=lambda text: print(text, file=sys.stderr))
+    dtypes = args.dtype or list(DTYPES)
+    if args.no_cache:
+        found = capture_models(cases, dtypes, targets, args.batch, args.device,
+                               progress=lambda text: print(text, file=sys.stderr))
+    else:
+        found = cached_capture_models(cases, dtypes, targets, args.batch, args.device)
     launches = [ln for ln in found if (not args.op or ln.op in args.op)
                 and (not args.kernel or any(k in ln.name for k in args.kernel))]
     if not args.all:
@@ -787,6 +834,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps([dict(r.to_json(), seen=found[r.launch]) for r in reports], indent=1))
     if args.markdown:
         args.markdown.write_text(markdown(reports, args.time_limit))
+    if args.readme:
+        write_readme_table(args.readme, markdown(reports, args.time_limit))
     return 1 if failing else 0
 
 
