@@ -45,7 +45,6 @@ import re
 import select
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -54,9 +53,10 @@ import torch
 
 import attnzoo
 from attnzoo.kernels import dispatch, use_backend
-from attnzoo.kernels._triton import SM80, SM90, TARGETS, Target, use_target
+from attnzoo.kernels._triton import SM90, TARGETS, Target, use_target
 
-TIME_LIMIT_S = 60.0  # a compile over this (CPU seconds) fails the check; a worker is killed past twice this
+TIME_LIMIT_S = 60.0  # a compile over this (CPU seconds) fails the check, and its worker is killed
+WALL_FACTOR = 4      # ... or once it has taken this many times as long in wall time
 CACHE_DIR = Path(os.environ.get("ATTNZOO_AOT_CACHE", Path.home() / ".cache" / "attnzoo" / "aot"))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # kernels whose dot products must run on tensor cores (the elementwise gating kernels have none)
@@ -207,10 +207,10 @@ def capture(target: Target = SM90) -> Iterator[Capture]:
     Works on CPU or meta tensors with the triton backend forced (``use_backend("triton")``): the kernels are
     never run, so their outputs keep whatever ``torch.empty`` gave them. Autotuned kernels record every config.
     """
+    import triton.experimental.gluon  # noqa: F401 - imported by the specialization; must see the interpreter
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
-    import triton.experimental.gluon  # noqa: F401 - imported by the specialization; must see the interpreter
 
     cap = Capture(target)
 
@@ -337,7 +337,7 @@ def run_case(case: ModelCase, dtype: torch.dtype, batch: int = 2, device: str = 
     torch.manual_seed(0)
     with torch.device(device):
         model = case.build().to(dtype)
-        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "backbone").pretrained_cfg  # DCAL: its ViT
+        cfg = getattr(model, "pretrained_cfg", None) or model.backbone.pretrained_cfg  # DCAL: its ViT
         x = torch.randn(batch, 3, *(case.size or cfg["input_size"][1:]), dtype=dtype)
     with use_backend("triton"), _meta_values():
         (case.run or train_and_eval)(model, x)
@@ -450,7 +450,7 @@ def problems(report: Report, time_limit: float = TIME_LIMIT_S) -> list[str]:
     """Why ``report`` fails the check (empty when it passes): it must compile within ``time_limit`` CPU seconds,
     fit the target's shared memory, not spill, and (attention kernels) use tensor cores for the target."""
     if report.timed_out:
-        return [f"compile over {time_limit:.0f} s"]
+        return [report.error or f"compile over {time_limit:.0f} s"]
     if report.error:
         return [f"does not compile: {report.error.splitlines()[0] if report.error else ''}"]
     found = []
@@ -514,7 +514,7 @@ def compile_report(launch: Launch, use_cache: bool = True) -> Report:
     options = dict(num_warps=launch.num_warps, num_stages=launch.num_stages, **dict(launch.options))
     report = Report(launch, max_shared=target.max_shared)
     log = _StdoutLog()
-    start_cpu, start = _cpu_seconds(), time.perf_counter()
+    start_cpu = _cpu_seconds()
     try:
         with knobs.nvidia.scope(), knobs.compilation.scope(), log:
             knobs.nvidia.dump_ptxas_log = True  # Triton's own ptxas -v run, printed to stdout
@@ -613,11 +613,16 @@ class _Worker:
         self.launch = None
         return Report.from_json(json.loads(line[len(_MARK):]))
 
-    def over(self, limit: float) -> bool:
-        """Past the limit: ``limit`` CPU seconds of the worker's process group, or twice that of wall time."""
-        wall = time.monotonic() - self.started
+    def usage(self) -> tuple[float, float | None]:
+        """(wall seconds, CPU seconds of the worker's process group or None) of the current compile."""
         cpu = _group_cpu_seconds(self.proc.pid)
-        return wall > 2 * limit or (cpu is not None and cpu - self.cpu0 > limit)
+        return time.monotonic() - self.started, None if cpu is None else cpu - self.cpu0
+
+    def over(self, limit: float) -> bool:
+        """Past ``limit`` CPU seconds (the worker and its ptxas), or WALL_FACTOR times that of wall time (on a
+        loaded machine a compile gets a fraction of a core; without /proc, wall time is all there is)."""
+        wall, cpu = self.usage()
+        return wall > WALL_FACTOR * limit or (cpu is not None and cpu > limit)
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -635,8 +640,8 @@ class _Worker:
 
 class CompilePool:
     """Up to ``jobs`` compile worker processes, kept between calls of :meth:`run` (a worker costs an import of
-    torch and attnzoo); a compile past ``time_limit`` CPU seconds (or twice that of wall time) is killed and
-    reported as timed out. Use as a context manager, or :meth:`close` it."""
+    torch and attnzoo); a compile past ``time_limit`` CPU seconds (or WALL_FACTOR times that of wall time) is
+    killed and reported as timed out. Use as a context manager, or :meth:`close` it."""
 
     def __init__(self, jobs: int = 2, time_limit: float = TIME_LIMIT_S, use_cache: bool = True):
         self.jobs, self.time_limit, self.use_cache = jobs, time_limit, use_cache
@@ -681,8 +686,10 @@ class CompilePool:
                     if report is not None:
                         done(launch, report)
                 elif w.over(self.time_limit):
-                    done(w.launch, Report(w.launch, timed_out=True, error=f"compile over {self.time_limit:.0f} s",
-                                          max_shared=_target(w.launch.target).max_shared, seconds=self.time_limit))
+                    wall, cpu = w.usage()
+                    done(w.launch, Report(w.launch, timed_out=True, max_shared=_target(w.launch.target).max_shared,
+                                          seconds=cpu, error=f"compile over {self.time_limit:.0f} s (killed after "
+                                          f"{cpu or 0:.0f} CPU s, {wall:.0f} s wall)"))
                     w.kill()
                     self.workers.remove(w)
         return [results[launch] for launch in todo]
@@ -704,7 +711,8 @@ def _worker_main() -> None:
         try:
             report = compile_report(launch, use_cache=task["cache"])
         except Exception as e:  # noqa: BLE001 - reported, the worker goes on
-            report = Report(launch, error=f"{type(e).__name__}: {e}"[:2000], max_shared=_target(launch.target).max_shared)
+            report = Report(launch, error=f"{type(e).__name__}: {e}"[:2000],
+                            max_shared=_target(launch.target).max_shared)
         sys.stdout.write(_MARK + json.dumps(report.to_json()) + "\n")
         sys.stdout.flush()
 
@@ -725,7 +733,7 @@ def table(reports: Iterable[Report], time_limit: float = TIME_LIMIT_S) -> str:
                      f"{_num(r.shared)} / {r.max_shared}", f"{r.seconds:.1f}" if r.seconds is not None else "-",
                      r.tensor_cores, "; ".join(problems(r, time_limit)) or "ok"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def _num(v) -> str:
