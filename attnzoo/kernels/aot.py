@@ -59,8 +59,10 @@ TIME_LIMIT_S = 60.0  # a compile over this (CPU seconds) fails the check, and it
 WALL_FACTOR = 4      # ... or once it has taken this many times as long in wall time
 CACHE_DIR = Path(os.environ.get("ATTNZOO_AOT_CACHE", Path.home() / ".cache" / "attnzoo" / "aot"))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# kernels whose dot products must run on tensor cores (the elementwise gating kernels have none)
+# kernels whose dot products must run on tensor cores (the elementwise gating kernels have none), for data in
+# these dtypes: fp32 data takes the exact (ieee) fp32 dot unless torch allows tf32, and that has no MMA
 ATTENTION_OPS = ("window", "halo", "linear", "sparse", "channel", "rollout")
+TENSOR_CORE_DTYPES = ("fp16", "bf16")
 _MARK = "@@aot "  # prefix of the worker's protocol lines (Triton and ptxas may print too)
 
 
@@ -448,7 +450,8 @@ def _target(name: str) -> Target:
 
 def problems(report: Report, time_limit: float = TIME_LIMIT_S) -> list[str]:
     """Why ``report`` fails the check (empty when it passes): it must compile within ``time_limit`` CPU seconds,
-    fit the target's shared memory, not spill, and (attention kernels) use tensor cores for the target."""
+    fit the target's shared memory, not spill, and (attention kernels on fp16/bf16 data) use the target's tensor
+    cores."""
     if report.timed_out:
         return [report.error or f"compile over {time_limit:.0f} s"]
     if report.error:
@@ -460,7 +463,7 @@ def problems(report: Report, time_limit: float = TIME_LIMIT_S) -> list[str]:
         found.append(f"shared memory {report.shared} B > {report.max_shared} B")
     if report.spill_stores or report.spill_loads:
         found.append(f"spills {report.spill_stores} B stores / {report.spill_loads} B loads")
-    if report.launch.op in ATTENTION_OPS:
+    if report.launch.op in ATTENTION_OPS and report.launch.dtype in TENSOR_CORE_DTYPES:
         if report.launch.target.startswith("sm_90") and not report.wgmma:
             found.append("no wgmma in the PTX")
         elif not report.launch.target.startswith("sm_90") and not report.mma:
