@@ -38,6 +38,7 @@ if __name__ == "__main__":  # as a script: the compile workers must not interpre
 import argparse
 import contextlib
 import dataclasses
+import gzip
 import hashlib
 import json
 import os
@@ -423,6 +424,8 @@ class Report:
     seconds: float | None = None      # CPU seconds of the compile (Triton and ptxas)
     mma: bool = False                 # mma.sync in the PTX
     wgmma: bool = False               # wgmma.mma_async in the PTX (sm_90a)
+    int32_products: int | None = None  # see int32_products_of_program_ids
+    ptx_file: str | None = None       # the PTX, gzipped, in the cache
     cached: bool = False
 
     def to_json(self) -> dict:
@@ -527,6 +530,11 @@ def compile_report(launch: Launch, use_cache: bool = True) -> Report:
         report.error = f"{type(e).__name__}: {e}".strip()[:2000]
     else:
         ptx = kernel.asm["ptx"]
+        report.int32_products = len(int32_products_of_program_ids(ptx))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ptx_file = path.with_suffix(".ptx.gz")
+        ptx_file.write_bytes(gzip.compress(ptx.encode()))
+        report.ptx_file = str(ptx_file)
         report.shared = kernel.metadata.shared
         report.mma = "mma.sync" in ptx
         report.wgmma = "wgmma.mma_async" in ptx
@@ -536,12 +544,43 @@ def compile_report(launch: Launch, use_cache: bool = True) -> Report:
         report.registers = int(regs[-1])
         report.stack, report.spill_stores, report.spill_loads = map(int, spill[-1])
     report.seconds = round(_cpu_seconds() - start_cpu, 2)
-    if report.error is None or "out of resource" in report.error.lower():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(report.to_json()))
-        tmp.replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # a compile error is as deterministic as a success
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report.to_json()))
+    tmp.replace(path)
     return report
+
+
+_PTX_INSTR = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.]*)\s+([^;]*);", re.M)
+_PTX_REG = re.compile(r"%[a-z]+\d*|%ctaid\.[xyz]")
+
+
+def int32_products_of_program_ids(ptx: str) -> list[str]:
+    """The 32-bit integer multiplies in ``ptx`` of a value derived from a program id (``%ctaid``) by a value
+    derived from a kernel parameter (a stride, a size): where an offset can wrap past 2³¹ (issue 20 item 4).
+    A heuristic over the PTX's data flow, for a test to assert empty; products by constants are not listed."""
+    instrs = [(op, [a.strip() for a in args.split(",")]) for op, args in _PTX_INSTR.findall(ptx)]
+    pid, param = set(), set()
+    changed = True
+    while changed:  # to a fixed point: loops assign registers more than once
+        changed = False
+        for op, args in instrs:
+            if not args or not args[0].startswith("%"):
+                continue
+            dst, srcs = args[0], " ".join(args[1:])
+            regs = set(_PTX_REG.findall(srcs))
+            for taint, hit in ((pid, any(r.startswith("%ctaid") for r in regs) or bool(regs & pid)),
+                               (param, op.startswith("ld.param") or bool(regs & param))):
+                if hit and dst not in taint:
+                    taint.add(dst)
+                    changed = True
+    found = []
+    for op, args in instrs:
+        if re.match(r"(mul|mad)\.lo\.[su]32", op) and len(args) >= 3:
+            a, b = args[1], args[2]
+            if (a in pid and b in param) or (b in pid and a in param):
+                found.append(f"{op} {', '.join(args)}")
+    return found
 
 
 class _StdoutLog:
@@ -726,15 +765,16 @@ def _params_str(launch: Launch) -> str:
 
 
 def table(reports: Iterable[Report], time_limit: float = TIME_LIMIT_S) -> str:
-    """A plain-text table, one row per report, with what fails in the last column."""
+    """A plain-text table, one row per report, with what fails in the last column (``i32 pid*``: how many
+    32-bit products of a program id by a parameter the PTX has, see :func:`int32_products_of_program_ids`)."""
     rows = [("op", "kernel", "target", "dtype", "constexprs", "warps", "regs", "spill st/ld", "stack",
-             "shared / max", "sec", "tc", "problems")]
+             "shared / max", "sec", "tc", "i32 pid*", "problems")]
     for r in reports:
         ln = r.launch
         rows.append((ln.op, ln.name, ln.target, ln.dtype, _params_str(ln), str(ln.num_warps),
                      _num(r.registers), f"{_num(r.spill_stores)}/{_num(r.spill_loads)}", _num(r.stack),
                      f"{_num(r.shared)} / {r.max_shared}", f"{r.seconds:.1f}" if r.seconds is not None else "-",
-                     r.tensor_cores, "; ".join(problems(r, time_limit)) or "ok"))
+                     r.tensor_cores, _num(r.int32_products), "; ".join(problems(r, time_limit)) or "ok"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 

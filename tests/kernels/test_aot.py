@@ -99,3 +99,16 @@ def test_problems_names_every_failure():
                      max_shared=SM90.max_shared, seconds=61.0, mma=True, wgmma=False)
     assert len(aot.problems(bad)) == 4, aot.problems(bad)
     assert aot.problems(aot.Report(launch, timed_out=True)) == ["compile over 60 s"]
+
+
+def test_int32_products_of_program_ids_finds_a_32_bit_offset():
+    ptx = """
+        mov.u32         %r1, %ctaid.x;
+        ld.param.u32    %r2, [kernel_param_3];
+        mul.lo.s32      %r3, %r1, %r2;
+        mul.wide.s32    %rd1, %r1, %r2;
+        shl.b32         %r4, %r1, 6;
+        mul.lo.s32      %r5, %r4, 48;
+        @%p1 mad.lo.s32 %r6, %r4, %r2, %r5;
+    """
+    assert aot.int32_products_of_program_ids(ptx) == ["mul.lo.s32 %r3, %r1, %r2", "mad.lo.s32 %r6, %r4, %r2, %r5"]
