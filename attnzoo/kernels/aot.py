@@ -18,13 +18,14 @@ Two steps:
 As a script, from any worktree (it imports whichever ``attnzoo`` is first on the path)::
 
     PYTHONPATH=$PWD python attnzoo/kernels/aot.py --op window --dtype bf16 --target sm_90a
-    python attnzoo/kernels/aot.py --markdown kernels.md     # the README table
+    python attnzoo/kernels/aot.py --readme README.md        # the README's kernel table
 
-prints one row per kernel configuration and target and exits non-zero when any fails :func:`problems`.
+prints one row per kernel configuration and target and exits non-zero when any fails :func:`problems`
+(``--help`` for the filters).
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # as a script: the compile workers must not interpret, the capture must
+if __name__ == "__main__":  # as a script: the compile workers must not interpret; the capture runs as the tests do
     import os
     import sys
 
