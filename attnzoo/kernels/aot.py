@@ -45,6 +45,7 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -693,12 +694,16 @@ class CompilePool:
     def __enter__(self) -> CompilePool:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(kill=exc_type is not None)
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """Let the workers finish (or, with ``kill``, end them now: after an error or an interrupt)."""
         for w in self.workers:
-            w.close()
+            if kill:
+                w.kill()
+            else:
+                w.close()
         self.workers = []
 
     def run(self, launches: Iterable[Launch], progress: Callable[[Report], None] | None = None) -> list[Report]:
@@ -844,6 +849,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seen", action="store_true", help="print where each launch was seen")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # end the workers too (see close)
     if args.worker:
         _worker_main()
         return 0
