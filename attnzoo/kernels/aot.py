@@ -393,8 +393,14 @@ def cached_capture_models(cases: Iterable[ModelCase] = MODEL_CASES, dtypes: Iter
         if path.exists():
             return {Launch.from_json(ln): seen for ln, seen in json.loads(path.read_text())}
         found = capture_models(cases, dtypes, targets, batch, device)
-        path.write_text(json.dumps([[ln.to_json(), seen] for ln, seen in found.items()]))
-        return found
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps([[ln.to_json(), seen] for ln, seen in found.items()]))
+        tmp.replace(path)
+    for old in sorted(CACHE_DIR.glob("capture-*.json"), key=lambda p: p.stat().st_mtime)[:-8]:
+        with contextlib.suppress(OSError):  # keep the captures of the last few source versions
+            old.unlink()
+            Path(str(old) + ".lock").unlink()
+    return found
 
 
 def representative(launches: Iterable[Launch]) -> list[Launch]:
