@@ -880,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     def progress(r: Report) -> None:
         done[0] += 1
         print(f"[{done[0]}/{len(launches)}] {r.launch.name} {r.launch.target} {r.launch.dtype} "
-              f"{'cached' if r.cached else f'{r.seconds} s'}", file=sys.stderr)
+              f"{'cached' if r.cached else r.error if r.timed_out else f'{r.seconds} s'}", file=sys.stderr)
 
     reports = compile_reports(launches, jobs=args.jobs, time_limit=args.time_limit, use_cache=not args.no_cache,
                               progress=progress)

@@ -44,13 +44,21 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture(scope="session")
-def compiler():
-    with aot.CompilePool(jobs=1) as pool:  # one compile process per pytest(-xdist) worker
-        yield pool
+def compile_report(request):
+    """The report of a launch. Under pytest-xdist each worker compiles its own tests' launches in one process;
+    in a single pytest process, every selected launch is compiled up front in two."""
+    with aot.CompilePool(jobs=1 if os.environ.get("PYTEST_XDIST_WORKER") else 2) as pool:
+        if not os.environ.get("PYTEST_XDIST_WORKER"):
+            selected = list(dict.fromkeys(item.callspec.params["launch"] for item in request.session.items
+                                          if hasattr(item, "callspec") and "launch" in item.callspec.params))
+            reports = dict(zip(selected, pool.run(selected), strict=True))
+        else:
+            reports = {}
+        yield lambda launch: reports[launch] if launch in reports else pool.run([launch])[0]
 
 
-def test_compiles_for_the_gpu(launch, compiler):
-    report = compiler.run([launch])[0]
+def test_compiles_for_the_gpu(launch, compile_report):
+    report = compile_report(launch)
     found = aot.problems(report)
     seen = ", ".join(_launches()[0][launch])
     assert not found, (f"{launch.name} ({launch.op}) on {launch.target}, launched by {seen}: {'; '.join(found)}\n"
