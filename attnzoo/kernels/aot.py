@@ -788,7 +788,8 @@ def _num(v) -> str:
 
 
 def markdown(reports: Iterable[Report], time_limit: float = TIME_LIMIT_S) -> str:
-    """The README's table: per kernel and target, the worst case over its configurations."""
+    """The README's table: per kernel and target, the worst case over its configurations (the tensor-core
+    instructions of its fp16/bf16 configurations; "(not all)" when some lack them)."""
     worst: dict[tuple, dict] = {}
     for r in reports:
         ln = r.launch
@@ -800,9 +801,10 @@ def markdown(reports: Iterable[Report], time_limit: float = TIME_LIMIT_S) -> str
         row["regs"] = max(row["regs"], r.registers or 0)
         row["spill"] = max(row["spill"], r.spill_stores or 0)
         row["shared"] = max(row["shared"], r.shared or 0)
-        row["tc"].add(r.tensor_cores)
+        if ln.dtype in TENSOR_CORE_DTYPES:
+            row["tc"].add(r.tensor_cores)
     lines = ["| op | kernel | target | configs | max registers | max spill stores (B) | max shared (B) | "
-             "tensor cores | failing |", "|---|---|---|---|---|---|---|---|---|"]
+             "tensor cores (fp16/bf16) | failing |", "|---|---|---|---|---|---|---|---|---|"]
     for (op, name, target), row in sorted(worst.items()):
         tc = "/".join(sorted(row["tc"] - {"-"})) or "none"
         if "-" in row["tc"] and tc != "none":
