@@ -794,10 +794,11 @@ def markdown(reports: Iterable[Report], time_limit: float = TIME_LIMIT_S) -> str
     for r in reports:
         ln = r.launch
         row = worst.setdefault((ln.op, ln.name, ln.target), dict(n=0, failing=0, regs=0, spill=0, shared=0,
-                                                                 tc=set(), errors=0))
+                                                                 tc=set(), errors=0, slow=0))
         row["n"] += 1
         row["failing"] += bool(problems(r, time_limit))
-        row["errors"] += r.error is not None
+        row["errors"] += r.error is not None and not r.timed_out
+        row["slow"] += r.timed_out
         row["regs"] = max(row["regs"], r.registers or 0)
         row["spill"] = max(row["spill"], r.spill_stores or 0)
         row["shared"] = max(row["shared"], r.shared or 0)
@@ -809,7 +810,11 @@ def markdown(reports: Iterable[Report], time_limit: float = TIME_LIMIT_S) -> str
         tc = "/".join(sorted(row["tc"] - {"-"})) or "none"
         if "-" in row["tc"] and tc != "none":
             tc += " (not all)"
-        failing = f"{row['failing']}" + (f" ({row['errors']} do not compile)" if row["errors"] else "")
+        if op not in ATTENTION_OPS:
+            tc = "n/a"
+        notes = [f"{row['errors']} do not compile"] * bool(row["errors"])
+        notes += [f"{row['slow']} over {time_limit:.0f} s"] * bool(row["slow"])
+        failing = f"{row['failing']}" + (f" ({', '.join(notes)})" if notes else "")
         lines.append(f"| {op} | `{name}` | {target} | {row['n']} | {row['regs']} | {row['spill']} | "
                      f"{row['shared']} | {tc} | {failing} |")
     return "\n".join(lines) + "\n"
