@@ -60,6 +60,7 @@ from attnzoo.kernels._triton import SM90, TARGETS, Target, use_target
 
 TIME_LIMIT_S = 60.0  # a compile over this (CPU seconds) fails the check, and its worker is killed
 WALL_FACTOR = 4      # ... or once it has taken this many times as long in wall time
+CACHE_VERSION = 2  # of the Report fields; older cached reports are recompiled
 CACHE_DIR = Path(os.environ.get("ATTNZOO_AOT_CACHE", Path.home() / ".cache" / "attnzoo" / "aot"))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # kernels whose dot products must run on tensor cores (the elementwise gating kernels have none), for data in
@@ -422,6 +423,7 @@ class Report:
     shared: int | None = None
     max_shared: int | None = None
     seconds: float | None = None      # CPU seconds of the compile (Triton and ptxas)
+    dots: int | None = None           # tt.dot operations in the kernel's Triton IR
     mma: bool = False                 # mma.sync in the PTX
     wgmma: bool = False               # wgmma.mma_async in the PTX (sm_90a)
     int32_products: int | None = None  # see int32_products_of_program_ids
@@ -453,8 +455,8 @@ def _target(name: str) -> Target:
 
 def problems(report: Report, time_limit: float = TIME_LIMIT_S) -> list[str]:
     """Why ``report`` fails the check (empty when it passes): it must compile within ``time_limit`` CPU seconds,
-    fit the target's shared memory, not spill, and (attention kernels on fp16/bf16 data) use the target's tensor
-    cores."""
+    fit the target's shared memory, not spill, and (attention kernels on fp16/bf16 data that have a dot product:
+    not an elementwise pre-pass such as a rowsum) use the target's tensor cores."""
     if report.timed_out:
         return [report.error or f"compile over {time_limit:.0f} s"]
     if report.error:
@@ -466,7 +468,7 @@ def problems(report: Report, time_limit: float = TIME_LIMIT_S) -> list[str]:
         found.append(f"shared memory {report.shared} B > {report.max_shared} B")
     if report.spill_stores or report.spill_loads:
         found.append(f"spills {report.spill_stores} B stores / {report.spill_loads} B loads")
-    if report.launch.op in ATTENTION_OPS and report.launch.dtype in TENSOR_CORE_DTYPES:
+    if report.launch.op in ATTENTION_OPS and report.launch.dtype in TENSOR_CORE_DTYPES and report.dots != 0:
         if report.launch.target.startswith("sm_90") and not report.wgmma:
             found.append("no wgmma in the PTX")
         elif not report.launch.target.startswith("sm_90") and not report.mma:
@@ -493,7 +495,7 @@ def _jit_function(kernel: str):
 
 def _cache_path(launch: Launch, source_key: str) -> Path:
     import triton
-    digest = hashlib.sha256(f"{triton.__version__}\n{source_key}\n{launch.key()}".encode()).hexdigest()
+    digest = hashlib.sha256(f"{CACHE_VERSION}\n{triton.__version__}\n{source_key}\n{launch.key()}".encode()).hexdigest()
     return CACHE_DIR / f"{digest}.json"
 
 
@@ -536,6 +538,7 @@ def compile_report(launch: Launch, use_cache: bool = True) -> Report:
         ptx_file.write_bytes(gzip.compress(ptx.encode()))
         report.ptx_file = str(ptx_file)
         report.shared = kernel.metadata.shared
+        report.dots = kernel.asm["ttir"].count("tt.dot ")
         report.mma = "mma.sync" in ptx
         report.wgmma = "wgmma.mma_async" in ptx
         regs, spill = _PTXAS_REGS.findall(log.text), _PTXAS_SPILL.findall(log.text)
@@ -772,13 +775,14 @@ def table(reports: Iterable[Report], time_limit: float = TIME_LIMIT_S) -> str:
     """A plain-text table, one row per report, with what fails in the last column (``i32 pid*``: how many
     32-bit products of a program id by a parameter the PTX has, see :func:`int32_products_of_program_ids`)."""
     rows = [("op", "kernel", "target", "dtype", "constexprs", "warps", "regs", "spill st/ld", "stack",
-             "shared / max", "sec", "tc", "i32 pid*", "problems")]
+             "shared / max", "sec", "dots", "tc", "i32 pid*", "problems")]
     for r in reports:
         ln = r.launch
         rows.append((ln.op, ln.name, ln.target, ln.dtype, _params_str(ln), str(ln.num_warps),
                      _num(r.registers), f"{_num(r.spill_stores)}/{_num(r.spill_loads)}", _num(r.stack),
                      f"{_num(r.shared)} / {r.max_shared}", f"{r.seconds:.1f}" if r.seconds is not None else "-",
-                     r.tensor_cores, _num(r.int32_products), "; ".join(problems(r, time_limit)) or "ok"))
+                     _num(r.dots), r.tensor_cores, _num(r.int32_products),
+                     "; ".join(problems(r, time_limit)) or "ok"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
