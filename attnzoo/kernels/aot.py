@@ -7,8 +7,10 @@ Two steps:
    :func:`capture_models` runs the project's models forward and backward inside it, on the meta device (no
    arithmetic at all, so an 800×1333 DaViT costs a fraction of a second), with the triton backend forced and the
    launch configured for a given :class:`~attnzoo.kernels._triton.Target`. While capturing, the ops configure
-   their launches exactly as on a GPU: ``interpreting()`` reads False for them (no interpreter-only block sizes
-   or fp32 dots), only the backend check accepts the CPU/meta tensors.
+   their launches exactly as on a GPU: the kernel modules' ``interpreting()`` reads False (no interpreter-only
+   block size or fp32 dot), while the routing (``dispatch``, the registered ops) sees the interpreter and takes
+   the fused path on CPU/meta tensors; registered ``attnzoo::`` ops run their implementation on meta tensors
+   (not their fake one).
 2. :func:`compile_reports` compiles each captured launch with ``triton.compile(ASTSource(...),
    target=GPUTarget("cuda", arch, 32))`` in worker processes (Triton in compile-only mode, no interpreter) and
    reads what ptxas reports (registers, spill bytes, stack), the shared memory Triton allocates, and whether the
@@ -53,9 +55,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo
-from attnzoo.kernels import dispatch, use_backend
+from attnzoo.kernels import use_backend
 from attnzoo.kernels._triton import SM90, TARGETS, Target, use_target
 
 TIME_LIMIT_S = 60.0  # a compile over this (CPU seconds) fails the check, and its worker is killed
@@ -228,25 +231,48 @@ def capture(target: Target = SM90) -> Iterator[Capture]:
             self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
 
     saved = {(cls, "run"): cls.run for cls in (InterpretedFunction, JITFunction, Autotuner)}
+    # The launch configuration sees a GPU: every kernel module's own `interpreting` (imported by name from
+    # dispatch) reads False, so no interpreter-only block size or fp32 dot is captured...
+    configuring = [m for name, m in list(sys.modules.items())
+                   if name.startswith("attnzoo.kernels.") and name not in _ROUTING_MODULES
+                   and callable(getattr(m, "interpreting", None))]
+    saved.update({(m, "interpreting"): m.interpreting for m in configuring})
     saved_env = os.environ.get("TRITON_INTERPRET")
-    saved_interpreting = dispatch.interpreting
     try:
         InterpretedFunction.run = JITFunction.run = run
         Autotuner.run = autotuned
-        # configure as on a GPU: the ops' `interpreting()` reads the environment on every call...
-        os.environ["TRITON_INTERPRET"] = "0"
-        # ...while the backend check still lets the forced triton backend take CPU/meta tensors
-        dispatch.interpreting = lambda: True
-        with use_target(target):
+        for m in configuring:
+            m.interpreting = _not_interpreting
+        # ...while the routing (dispatch, the registered ops' fallback) lets the fused path take CPU/meta tensors
+        os.environ["TRITON_INTERPRET"] = "1"
+        with use_target(target), _AttnzooOpsRunTheirKernels():
             yield cap
     finally:
-        for (cls, attr), fn in saved.items():
-            setattr(cls, attr, fn)
-        dispatch.interpreting = saved_interpreting
+        for (owner, attr), fn in saved.items():
+            setattr(owner, attr, fn)
         if saved_env is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = saved_env
+
+
+_ROUTING_MODULES = ("attnzoo.kernels.dispatch", "attnzoo.kernels._op")  # decide where an op runs, not how
+
+
+def _not_interpreting() -> bool:
+    return False
+
+
+class _AttnzooOpsRunTheirKernels(TorchDispatchMode):
+    """Runs the implementation of every registered ``attnzoo::`` op even on meta tensors, whose dispatch would
+    otherwise go to the op's fake implementation and launch nothing."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._library.custom_ops import OPDEFS
+        opdef = OPDEFS.get(func._schema.name) if func.namespace == "attnzoo" else None
+        if opdef is not None:
+            return opdef._init_fn(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
 
 
 # -------------------------------------------------------------------------------------------- the models
