@@ -2,7 +2,8 @@
 the models really use, forward and backward, in fp32, fp16 and bf16 (issue 13 item 3, issue 20 item 2): it
 compiles in under 60 s, fits the target's shared memory, spills nothing, and the attention kernels run their dot
 products on tensor cores (`mma.sync` on sm_80, `wgmma` on sm_90a) for fp16 and bf16 data (fp32 data takes the
-exact fp32 dot, which has no tensor-core form, unless torch allows tf32).
+exact fp32 dot, which has no tensor-core form, unless torch allows tf32; a kernel with no dot, such as an
+elementwise pre-pass, has nothing to put on them).
 
 No GPU is needed: the launches are captured from the models (:data:`attnzoo.kernels.aot.MODEL_CASES`, on the
 meta device, kernels not run) when this module is collected, and each test compiles one of them with Triton's
