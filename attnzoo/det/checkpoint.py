@@ -141,8 +141,9 @@ class SeedEachIterationHook(Hook):
 
 
 def _read(path: str | os.PathLike) -> object:
-    with torch.serialization.safe_globals(NUMPY_GLOBALS):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    # NUMPY_GLOBALS are allow-listed for good on importing attnzoo.det (allow_mmengine_globals); a
+    # torch.serialization.safe_globals block here would remove them again on leaving it
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _is_mm_checkpoint(checkpoint: object) -> bool:
