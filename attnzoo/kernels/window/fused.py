@@ -52,15 +52,17 @@ def _launch_config(N: int, D: int, dtype: torch.dtype, target: Target) -> dict:
 
     The rule: D is padded to a power of two (at least 16, the tensor-core k). Query and key blocks are square,
     the window's power of two up to 64 for 16-bit inputs (a 49-token window is one 64×64 tile, 144 tokens
-    are 3×3 tiles) and up to 32 for fp32 inputs, whose tiles take twice the registers. Warps split the query
-    rows, 16 each (the m of `mma`), at most 4: a 64-row tile is then one warpgroup, the unit of sm_90a's
-    `wgmma`. The same on sm_80 and sm_90a (the target enters through the bias gradient's program count).
+    are 3×3 tiles) and up to 32 for fp32 inputs, whose exact products run on FMA units and hold their operands
+    in registers. 4 warps split the query rows (a 64-row tile is then one warpgroup, the unit of sm_90a's
+    `wgmma`), 8 for fp32. No software pipelining (num_stages=1): a window's key loop is a few steps (1 for 49 tokens, 3 for 144), too
+    short to hide a load behind, and the prefetched tiles cost registers (ptxas spills with 2 stages). The
+    same on sm_80 and sm_90a; the target enters through the bias gradient's program count.
     """
     del target  # one tiling for both targets; see _bias_grad_chunks
     cap = 32 if dtype == torch.float32 else 64
     block = min(cap, max(16, triton.next_power_of_2(N)))
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                num_warps=min(4, block // 16), num_stages=2)
+                num_warps=8 if dtype == torch.float32 else 4, num_stages=1)
 
 
 def _bias_grad_chunks(M: int, G: int, H: int, key_blocks: int, target: Target) -> int:
@@ -98,11 +100,16 @@ def _key_ok(mask_base, cols, N, s_mask_n, HAS_MASK: tl.constexpr):
 def _logits(q, k, bias_base, key_ok, rows, cols, N, scale_log2, s_bias_n, s_bias_m,
             HAS_BIAS: tl.constexpr, FP32: tl.constexpr):
     """The [BLOCK_M, BLOCK_N] tile of base-2 logits log2(e)·(scale·q kᵀ + bias), -inf for keys that take no part."""
-    s = dot(q, tl.trans(k), FP32) * scale_log2
     if HAS_BIAS:
-        ok = (rows < N)[:, None] & (cols < N)[None, :]
-        bias = tl.load(bias_base + rows[:, None] * s_bias_n + cols[None, :] * s_bias_m, mask=ok, other=0.0)
-        s += bias.to(tl.float32) * _LOG2E
+        # clamped rather than masked: no predicate per element; what is read past N is never used
+        r = tl.minimum(rows, N - 1)
+        c = tl.minimum(cols, N - 1)
+        bias = tl.load(bias_base + r[:, None] * s_bias_n + c[None, :] * s_bias_m)
+        # the bias enters as the dot's accumulator (bias/scale, then all times scale·log2 e), which keeps the
+        # softmax in the dot's register layout instead of the load's
+        s = dot(q, tl.trans(k), FP32, bias.to(tl.float32) * (_LOG2E / scale_log2)) * scale_log2
+    else:
+        s = dot(q, tl.trans(k), FP32) * scale_log2
     return tl.where(key_ok[None, :], s, float("-inf"))
 
 
