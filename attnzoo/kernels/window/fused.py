@@ -126,20 +126,22 @@ def _fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)  # window b, head h
-    b, h = bh // H, bh % H
+    bh = tl.program_id(0)  # window b, head h; divided in int32 (B·H < 2³¹), widened before meeting a stride
+    b32 = bh // H
+    b, h = b32.to(tl.int64), (bh % H).to(tl.int64)
+    bh = bh.to(tl.int64)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b * s_q_b + h * s_q_h, rows, d, N, D, s_q_n, s_q_d)
     k_base = K + b * s_k_b + h * s_k_h
     v_base = V + b * s_v_b + h * s_v_h
-    bias_base = _slice(BIAS, (b % G) * s_bias_g + h * s_bias_h, HAS_BIAS)
-    mask_base = _slice(MASK, (b % Gm) * s_mask_g, HAS_MASK)
+    bias_base = _slice(BIAS, (b32 % G).to(tl.int64) * s_bias_g + h * s_bias_h, HAS_BIAS)
+    mask_base = _slice(MASK, (b32 % Gm).to(tl.int64) * s_mask_g, HAS_MASK)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running row max (base 2)
     l_i = tl.zeros((BLOCK_M,), tl.float32)                  # running row sum of exp2(s - m_i)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for start in range(0, N, BLOCK_N):
+    for start in tl.range(0, N, BLOCK_N, disable_licm=True):
         cols = start + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, cols, d, N, D, s_k_n, s_k_d)
         v = _load_rows(v_base, cols, d, N, D, s_v_n, s_v_d)
@@ -173,8 +175,10 @@ def _bwd_delta_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(dO ∘ O), fp32 [B, H, N]."""
-    bh = tl.program_id(0).to(tl.int64)
-    b, h = bh // H, bh % H
+    bh = tl.program_id(0)
+    b32 = bh // H
+    b, h = b32.to(tl.int64), (bh % H).to(tl.int64)
+    bh = bh.to(tl.int64)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     o = _load_rows(O + b * s_o_b + h * s_o_h, rows, d, N, D, s_o_n, s_o_d)
@@ -197,28 +201,29 @@ def _bwd_kv_kernel(
 ):
     """dK and dV of one key block for the windows b = m·G + j, m in this program's chunk, head h; dQ too when
     WRITE_DQ (all keys in this one block); this chunk's Σ dS into its own slice of DBIAS when BIAS_GRAD."""
-    pid = tl.program_id(0).to(tl.int64)
-    h = pid % H
+    pid = tl.program_id(0)  # divided in int32, widened before meeting a stride
+    h = (pid % H).to(tl.int64)
     j = (pid // H) % G  # the bias slice of every window of this program
     chunk = pid // H // G
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     kv_ok = (cols < N)[:, None] & (d < D)[None, :]
-    bias_base = _slice(BIAS, j * s_bias_g + h * s_bias_h, HAS_BIAS)
+    bias_base = _slice(BIAS, j.to(tl.int64) * s_bias_g + h * s_bias_h, HAS_BIAS)
     ONE_Q_BLOCK: tl.constexpr = WRITE_DQ and BLOCK_M == BLOCK_N  # then N <= BLOCK_M: one query block
     dbias_acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)  # Σ dS over the chunk, when ONE_Q_BLOCK
-    dbias_base = _slice(DBIAS, ((chunk * G + j) * H + h) * N * N, BIAS_GRAD)
+    dbias_base = _slice(DBIAS, ((chunk.to(tl.int64) * G + j) * H + h) * N * N, BIAS_GRAD)
 
     first = chunk * windows_per_program
     for m in range(first, tl.minimum(first + windows_per_program, M)):
-        b = m * G + j
+        b32 = m * G + j
+        b = b32.to(tl.int64)
         bh = b * H + h
         k = _load_rows(K + b * s_k_b + h * s_k_h, cols, d, N, D, s_k_n, s_k_d)
         v = _load_rows(V + b * s_v_b + h * s_v_h, cols, d, N, D, s_v_n, s_v_d)
-        key_ok = _key_ok(_slice(MASK, (b % Gm) * s_mask_g, HAS_MASK), cols, N, s_mask_n, HAS_MASK)
+        key_ok = _key_ok(_slice(MASK, (b32 % Gm).to(tl.int64) * s_mask_g, HAS_MASK), cols, N, s_mask_n, HAS_MASK)
         dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-        for start in range(0, N, BLOCK_M):
+        for start in tl.range(0, N, BLOCK_M, disable_licm=True):
             rows = start + tl.arange(0, BLOCK_M)
             q = _load_rows(Q + b * s_q_b + h * s_q_h, rows, d, N, D, s_q_n, s_q_d)
             do = _load_rows(DO + b * s_do_b + h * s_do_h, rows, d, N, D, s_do_n, s_do_d)
@@ -265,8 +270,10 @@ def _bwd_q_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32: tl.constexpr,
 ):
     """dQ of one query block of one (window, head), looping over its key blocks (windows of N > BLOCK_N)."""
-    bh = tl.program_id(0).to(tl.int64)
-    b, h = bh // H, bh % H
+    bh = tl.program_id(0)
+    b32 = bh // H
+    b, h = b32.to(tl.int64), (bh % H).to(tl.int64)
+    bh = bh.to(tl.int64)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b * s_q_b + h * s_q_h, rows, d, N, D, s_q_n, s_q_d)
@@ -275,10 +282,10 @@ def _bwd_q_kernel(
     delta = tl.load(DELTA + bh * N + rows, mask=rows < N, other=0.0)
     k_base = K + b * s_k_b + h * s_k_h
     v_base = V + b * s_v_b + h * s_v_h
-    bias_base = _slice(BIAS, (b % G) * s_bias_g + h * s_bias_h, HAS_BIAS)
-    mask_base = _slice(MASK, (b % Gm) * s_mask_g, HAS_MASK)
+    bias_base = _slice(BIAS, (b32 % G).to(tl.int64) * s_bias_g + h * s_bias_h, HAS_BIAS)
+    mask_base = _slice(MASK, (b32 % Gm).to(tl.int64) * s_mask_g, HAS_MASK)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for start in range(0, N, BLOCK_N):
+    for start in tl.range(0, N, BLOCK_N, disable_licm=True):
         cols = start + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, cols, d, N, D, s_k_n, s_k_d)
         v = _load_rows(v_base, cols, d, N, D, s_v_n, s_v_d)
