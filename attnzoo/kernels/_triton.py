@@ -89,9 +89,9 @@ def fp32_dot(dtype: torch.dtype) -> bool:
 
 
 @triton.jit
-def dot(a, b, FP32: tl.constexpr):
-    """a @ b accumulated in fp32. With FP32 both operands go in as fp32 with exact (ieee) products; otherwise
-    as the caller passes them (fp16/bf16, or fp32 in tf32)."""
+def dot(a, b, FP32: tl.constexpr, acc=None):
+    """acc + a @ b accumulated in fp32 (acc, fp32, optional). With FP32 both operands go in as fp32 with exact
+    (ieee) products; otherwise as the caller passes them (fp16/bf16, or fp32 in tf32)."""
     if FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)

@@ -1,15 +1,27 @@
 """window_attention: the fused Triton kernel (under TRITON_INTERPRET=1 on CPU) and the SDPA path against the
-reference, forward and gradients, on the ragged shapes the models produce."""
+reference, forward and gradients, on the ragged shapes the models produce.
+
+Every launch is configured for an H100 (sm_90a), so the interpreter runs the block sizes a GPU runs."""
+import dataclasses
+
 import pytest
 import torch
 
 from attnzoo.kernels import trace, use_backend, window_attention
+from attnzoo.kernels._triton import SM90, use_target
+from attnzoo.kernels.window import fused
 from attnzoo.kernels.window.fused import MAX_D
 
 from ._util import assert_within_precision, max_err
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def gpu_target():
+    with use_target(SM90):
+        yield
 
 
 def make_case(B, H, N, D, bias=None, mask_groups=None, dtype=torch.float32, device=DEVICE, seed=0):
@@ -126,20 +138,88 @@ def test_padded_keys_get_no_weight():
         assert torch.equal(window_attention(q, k2, v2, b, mask), out)
 
 
+def assert_low_precision_matches(q, k, v, b, m, dtype, seed=1):
+    """The fused result in `dtype` within FlashAttention's rule (twice the same-dtype PyTorch error) of fp64."""
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(q.device)
+    exact, exact_grads = run("reference", q.double(), k.double(), v.double(), b.double(), m, grad_out.double())
+    plain, plain_grads = run("naive", q, k, v, b, m, grad_out, dtype)
+    fused_out, fused_grads = run("triton", q, k, v, b, m, grad_out, dtype)
+    assert fused_out.dtype == dtype
+    assert_within_precision("out", fused_out, plain, exact, dtype)
+    for name, f, p, e in zip(["dq", "dk", "dv", "dbias"], fused_grads, plain_grads, exact_grads, strict=True):
+        assert_within_precision(name, f, p, e, dtype)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision(dtype, seed):
     """fp16 exactly as the GPU runs it; bf16 through the interpreter's fp32 `tl.dot` workaround on CPU
     (the bf16 tensor-core path itself is checked by test_cuda.py on a GPU)."""
     q, k, v, b, m = make_case(4, 2, 49, 32, (2, 49, 49), 2, seed=seed)
-    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
-    exact, exact_grads = run("reference", q.double(), k.double(), v.double(), b.double(), m, grad_out.double())
-    plain, plain_grads = run("naive", q, k, v, b, m, grad_out, dtype)
-    fused, fused_grads = run("triton", q, k, v, b, m, grad_out, dtype)
-    assert fused.dtype == dtype
-    assert_within_precision("out", fused, plain, exact, dtype)
-    for name, f, p, e in zip(["dq", "dk", "dv", "dbias"], fused_grads, plain_grads, exact_grads, strict=True):
-        assert_within_precision(name, f, p, e, dtype)
+    assert_low_precision_matches(q, k, v, b, m, dtype, seed=seed + 1)
+
+
+@pytest.mark.parametrize("N", [49, 144])
+def test_bf16_tiling_with_fp16_data(monkeypatch, N):
+    """bf16's launch configuration (its tiles, warps, its tensor-core dot rather than the fp32 workaround) on
+    fp16 data: the interpreter's bf16 `tl.dot` is wrong, its fp16 one exact."""
+    config = fused._launch_config
+    monkeypatch.setattr(fused, "_launch_config", lambda N, D, dtype, target: config(N, D, torch.bfloat16, target))
+    q, k, v, b, m = make_case(2, 2, N, 32, (1, 2, N, N), 2)
+    assert_low_precision_matches(q, k, v, b, m, torch.float16)
+
+
+def test_several_key_blocks_fp32():
+    """144 tokens (MaxViT at 384 px): 5 key blocks of 32 in fp32, looped with the online softmax, with a bias,
+    its gradient and a key mask."""
+    assert triton_key_blocks(144, torch.float32) > 1
+    q, k, v, b, m = make_case(2, 1, 144, 32, (1, 144, 144), 2)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    assert_matches_reference_fp32("triton", q, k, v, b, m, grad_out)
+
+
+def test_several_key_blocks_fp16():
+    """144 tokens in fp16: 3 key blocks of 64 (not one of 256), dQ by its own kernel, the bias gradient added
+    tile by tile."""
+    assert triton_key_blocks(144, torch.float16) == 3
+    q, k, v, b, m = make_case(2, 2, 144, 32, (2, 144, 144), 2)
+    assert_low_precision_matches(q, k, v, b, m, torch.float16)
+
+
+def triton_key_blocks(N, dtype):
+    return -(-N // fused._launch_config(N, 32, dtype, SM90)["BLOCK_N"])
+
+
+@pytest.mark.parametrize("N", [16, 49])
+def test_bias_grad_summed_over_several_windows_per_program(N):
+    """On a 1-SM target each bias-gradient program takes several windows: their dS summed in registers (N=16,
+    one query block) or added tile by tile (N=49: 2 query blocks of 32 in fp32) into the program's partial sum."""
+    target = dataclasses.replace(SM90, num_sms=1)
+    B, H = 8, 2
+    assert fused._bias_grad_chunks(B, 1, H, triton_key_blocks(N, torch.float32), target) > 1
+    q, k, v, b, m = make_case(B, H, N, 16, (H, N, N), 2)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with use_target(target):
+        assert_matches_reference_fp32("triton", q, k, v, b, m, grad_out)
+
+
+def test_views_past_int32_offsets():
+    """Window 2 of this view starts past element 2³¹: its offsets must be 64-bit. The storage is reserved, not
+    written (the OS commits only the pages touched), and the results equal those on contiguous copies."""
+    B, H, N, D = 3, 1, 16, 16
+    stride = 2**30 + 4096  # an int32 stride; window 2 at 2·stride > 2³¹
+    store = torch.empty(2 * stride + 3 * H * N * D, dtype=torch.float16, device=DEVICE)
+    q, k, v = (store.as_strided((B, H, N, D), (stride, N * D, D, 1), i * H * N * D) for i in range(3))
+    g = torch.Generator().manual_seed(0)
+    for t in (q, k, v):
+        t.copy_(torch.randn(t.shape, generator=g))
+    mask = torch.arange(N, device=DEVICE) < N - 3
+    grad_out = torch.randn(q.shape, generator=g).to(DEVICE, torch.float16)
+    out, grads = run("triton", q, k, v, None, mask, grad_out)
+    ref, ref_grads = run("triton", q.contiguous(), k.contiguous(), v.contiguous(), None, mask, grad_out)
+    assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
+    exact = window_attention(q.double(), k.double(), v.double(), mask=mask)
+    assert max_err(out, exact) < 1e-2
 
 
 def test_reference_gradcheck_fp64():
