@@ -363,52 +363,62 @@ class _Launch:
         return [torch.zeros(self.BH, *shape, device=device, dtype=torch.float32) for shape in shapes]
 
 
-def _forward(q, k, v, cos, sin, lc: _Launch):
+def _forward(q, k, v, feature_map, reweight_scale, cos, sin, clamp_min, eps):
+    """The forward launches; arguments as ``linear_attention_reference``. Returns out and what the backward
+    takes: the fp32 state, k_sum, q_mean and softmax stats."""
+    lc = _Launch(q, feature_map, reweight_scale, cos, clamp_min, eps)
+    cos, sin = _rope_tables(q, cos, sin)
     D = lc.BLOCK_D
     state, k_sum, q_mean, stats = lc.buffers(q.device, (D, D), (D,), (D,), (2,))
-    rope = (cos, sin) if cos is not None else (q, q)  # unused pointers when there is no RoPE
     _state_kernel[(lc.BH,)](
-        q, k, v, *rope, state, k_sum, q_mean, stats, lc.H, lc.N, lc.D, lc.reweight_scale,
+        q, k, v, cos, sin, state, k_sum, q_mean, stats, lc.H, lc.N, lc.D, lc.reweight_scale,
         *q.stride(), *k.stride(), *v.stride(), REWEIGHT=lc.reweight, **lc.flags)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     _output_kernel[(lc.BH, lc.n_blocks)](
-        q, *rope, state, k_sum, out, lc.H, lc.N, lc.D, lc.eps, lc.clamp_min, *q.stride(), *out.stride(),
+        q, cos, sin, state, k_sum, out, lc.H, lc.N, lc.D, lc.eps, lc.clamp_min, *q.stride(), *out.stride(),
         CLAMP=lc.clamp, **lc.flags)
     return out, state, k_sum, q_mean, stats
 
 
-def _backward(q, k, v, cos, sin, state, k_sum, q_mean, stats, d_out, lc: _Launch):
+def _backward(d_out, q, k, v, feature_map, reweight_scale, cos, sin, clamp_min, eps, state, k_sum, q_mean, stats):
+    """The backward launches: dq, dk, dv from d_out, the forward's arguments and what ``_forward`` returned."""
+    lc = _Launch(q, feature_map, reweight_scale, cos, clamp_min, eps)
+    cos, sin = _rope_tables(q, cos, sin)
     D = lc.BLOCK_D
     d_state, d_ksum, d_qmean = lc.buffers(q.device, (D, D), (D,), (D,))
-    rope = (cos, sin) if cos is not None else (q, q)
     _bwd_state_kernel[(lc.BH,)](
-        q, d_out, *rope, state, k_sum, d_state, d_ksum, lc.H, lc.N, lc.D, lc.eps, lc.clamp_min,
+        q, d_out, cos, sin, state, k_sum, d_state, d_ksum, lc.H, lc.N, lc.D, lc.eps, lc.clamp_min,
         *q.stride(), *d_out.stride(), CLAMP=lc.clamp, **lc.flags)
     dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     _bwd_key_kernel[(lc.BH,)](
-        k, v, *rope, d_state, d_ksum, q_mean, stats, dk, dv, d_qmean, lc.H, lc.N, lc.D, lc.reweight_scale,
+        k, v, cos, sin, d_state, d_ksum, q_mean, stats, dk, dv, d_qmean, lc.H, lc.N, lc.D, lc.reweight_scale,
         *k.stride(), *v.stride(), *dk.stride(), REWEIGHT=lc.reweight, **lc.flags)
     _bwd_query_kernel[(lc.BH, lc.n_blocks)](
-        q, d_out, *rope, state, k_sum, d_qmean, dq, lc.H, lc.N, lc.D, lc.eps, lc.clamp_min,
+        q, d_out, cos, sin, state, k_sum, d_qmean, dq, lc.H, lc.N, lc.D, lc.eps, lc.clamp_min,
         *q.stride(), *d_out.stride(), *dq.stride(), REWEIGHT=lc.reweight, CLAMP=lc.clamp, **lc.flags)
     return dq, dk, dv
+
+
+def _rope_tables(q, cos, sin):
+    """The RoPE tables as the kernels read them (fp32, [N, D] contiguous), or q twice as unused pointers."""
+    if cos is None:
+        return q, q
+    return cos.float().contiguous(), sin.float().contiguous()
 
 
 class _LinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, feature_map, reweight_scale, cos, sin, clamp_min, eps):
-        if cos is not None:
-            cos, sin = cos.float().contiguous(), sin.float().contiguous()
-        lc = _Launch(q, feature_map, reweight_scale, cos, clamp_min, eps)
-        out, state, k_sum, q_mean, stats = _forward(q, k, v, cos, sin, lc)
-        ctx.save_for_backward(q, k, v, cos, sin, state, k_sum, q_mean, stats)
-        ctx.launch = lc
+        out, *saved = _forward(q, k, v, feature_map, reweight_scale, cos, sin, clamp_min, eps)
+        ctx.save_for_backward(q, k, v, cos, sin, *saved)
+        ctx.args = (feature_map, reweight_scale, clamp_min, eps)
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, cos, sin, state, k_sum, q_mean, stats = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, cos, sin, state, k_sum, q_mean, stats, d_out, ctx.launch)
+        q, k, v, cos, sin, *saved = ctx.saved_tensors
+        feature_map, reweight_scale, clamp_min, eps = ctx.args
+        dq, dk, dv = _backward(d_out, q, k, v, feature_map, reweight_scale, cos, sin, clamp_min, eps, *saved)
         return dq, dk, dv, None, None, None, None, None, None
 
 
