@@ -20,15 +20,19 @@ Forward:
 Saved for the backward: S, z, Q̄ and the softmax max and sum.
 
 Backward (g = ∂L/∂out, ρᵀ the transposed rotation):
-    ``_bwd_state_kernel``  partial dS = Σ_n ρ(Q_n)ᵀ g_n / den_n,  dz = Σ_n dden_n Q_n,
-                           dden_n = −(g_n · out_n) / den_n where the clamp is not active, else 0.
+    ``_output_kernel``     with GRAD: dden_n = −(g_n · out_n) / den_n where the clamp is not active, else 0,
+                           out recomputed. A pass of its own, so that no kernel chains two dots: Triton then lays
+                           both over the rows with every warp, and on sm_80 each warp would hold a whole [D, D]
+                           operand in registers.
+    ``_bwd_state_kernel``  partial dS = Σ_n ρ(Q_n)ᵀ g_n / den_n,  dz = Σ_n dden_n Q_n.
     ``_bwd_key_kernel``    per block of keys: dK' = ρᵀ(v dSᵀ) + dz,  dv = ρ(K') dS,  dα_m = K_m · dK'_m,
                            dℓ = s α ⊙ (dα − mean_m α_m dα_m)  (softmax backward, α = N·softmax(ℓ)),
                            dK = α dK' + dℓ Q̄, partial dQ̄ = Σ_m dℓ_m K_m,  dk = dK ⊙ φ'(k).
                            mean_m α_m dα_m = (⟨S, dS⟩ + z · dz) / N needs no pass over the keys (ρ is orthogonal).
     ``_bwd_query_kernel``  dQ = ρᵀ(g Sᵀ / den) + dden z + dQ̄ / N,  dq = dQ ⊙ φ'(q).
 
-Offsets are int64: every program id is widened before it meets a stride.
+Dots multiply fp16/bf16 operands on tensor cores, fp32 ones as tf32x3 (see ``_dot``). Offsets are int64: every
+program id is widened before it meets a stride.
 """
 from __future__ import annotations
 
@@ -55,43 +59,43 @@ class Config:
     BLOCK_N: int    # tokens per tile
     BLOCK_D: int    # the head dim padded to a power of two
     num_warps: int
+    n_blocks: int   # tiles of BLOCK_N tokens per (image, head): the programs per (image, head) of the others
     split: int      # programs per (image, head) in the kernels that sum over all tokens
     chunk: int      # tokens per such program, a multiple of BLOCK_N
 
-    @property
-    def n_blocks(self) -> int:
-        return self.split * self.chunk // self.BLOCK_N
 
-
-PROGRAMS_PER_SM = 4      # the sums over tokens are split until the grid holds this many programs per SM …
+PROGRAMS_PER_SM = 4       # the sums over tokens are split until the grid holds this many programs per SM …
 MIN_BLOCKS_PER_CHUNK = 4  # … but a program sums at least this many tiles (each partial [D, D] costs a write)
 
 
 def launch_config(B: int, H: int, N: int, D: int, dtype: torch.dtype, target: Target) -> Config:
     """The one rule for every kernel of this file, the same under the interpreter as on a GPU.
 
-    fp16/bf16 tiles are 64 tokens (mma/wgmma operands); fp32's exact products run on the FMA units, whose dot
-    holds both operands in registers, so its tiles are 16 tokens (32 for D ≤ 32). 4 warps, 8 for D = 128. The
-    token sums are split into ``split`` chunks per (image, head) so that B·H·split reaches PROGRAMS_PER_SM
-    programs per SM of ``target``, without going below MIN_BLOCKS_PER_CHUNK tiles per chunk.
+    A tile is BLOCK_N tokens × BLOCK_D channels: 32 tokens, 16 where a tile row takes 256 bytes or more (D = 128
+    in fp16/bf16, D ≥ 64 in fp32, whose tf32x3 operands take twice the registers), with 4 warps, 8 for
+    BLOCK_D = 128: at most 16 fp32 values per thread per tile, of which the kernels hold about eight at once.
+    (Larger tiles spill: 64 × 64 in the backward, and ptxas trims even the small state kernel to 64 registers
+    with a spill at 64 × 32.) The token sums are split into ``split`` chunks per (image, head) so that B·H·split
+    reaches PROGRAMS_PER_SM programs per SM of ``target``, with at least MIN_BLOCKS_PER_CHUNK tiles per chunk.
     """
     block_d = max(16, triton.next_power_of_2(D))
-    if dtype == torch.float32:
-        block_n = 32 if block_d <= 32 else 16
-    else:
-        block_n = 32 if block_d <= 64 else 16
+    block_n = 16 if block_d * dtype.itemsize >= 256 else 32
     n_blocks = triton.cdiv(N, block_n)
     wanted = triton.cdiv(PROGRAMS_PER_SM * target.num_sms, B * H)
     split = max(1, min(wanted, n_blocks // MIN_BLOCKS_PER_CHUNK))
     blocks_per_chunk = triton.cdiv(n_blocks, split)
     split = triton.cdiv(n_blocks, blocks_per_chunk)  # no empty chunk
-    return Config(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if block_d > 64 else 4, split=split,
-                  chunk=blocks_per_chunk * block_n)
+    return Config(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if block_d > 64 else 4, n_blocks=n_blocks,
+                  split=split, chunk=blocks_per_chunk * block_n)
 
 
 @triton.jit
 def _dot(a, b, FP32_DOT: tl.constexpr, DTYPE: tl.constexpr):
-    # the operands meet in the inputs' dtype (the state and gradients are accumulated in fp32)
+    """a @ b accumulated in fp32, the operands in the inputs' dtype DTYPE. Exact fp32 inputs (FP32_DOT) take
+    three tf32 tensor-core products (tf32x3, about fp32's accuracy) instead of ieee FMAs: an FMA dot holds whole
+    [·, D] rows of both operands in every thread and spills from D = 64 on."""
+    if FP32_DOT and DTYPE == tl.float32:
+        return tl.dot(a, b, input_precision="tf32x3")
     return dot(a.to(DTYPE), b.to(DTYPE), FP32_DOT)
 
 
