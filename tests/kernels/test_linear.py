@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from attnzoo.backbones import l2vit, ravlt
 from attnzoo.kernels import linear_attention, trace, use_backend
-from attnzoo.kernels._triton import SM90, TARGETS, use_target
+from attnzoo.kernels._triton import SM80, SM90, TARGETS, use_target
 from attnzoo.kernels.linear import fused
 from attnzoo.kernels.linear.reference import linear_attention_reference, rotate_pairs
 
@@ -50,8 +50,9 @@ CASES = {
     "rala": ((2, 2, 49, 32), dict(RALA, rope=True), 0.0),
     "rala_no_rope": ((1, 1, 300, 64), RALA, 0.0),
     "elu_plain": ((1, 2, 17, 16), dict(feature_map="elu"), 0.0),
-    "rala_d96": ((1, 1, 70, 96), dict(RALA, rope=True), 0.0),  # RAVLT-B/L's head dim, padded to 128
+    "rala_d96": ((1, 1, 140, 96), dict(RALA, rope=True), 0.0),  # RAVLT-B/L's head dim, padded to 128
 }
+SM80_CASES = ("rala", "rala_no_rope")  # D = 64: fp16/bf16 tiles differ between sm_80 and sm_90a
 
 
 @pytest.fixture(autouse=True)
@@ -68,13 +69,15 @@ def _model_head_dims() -> set[int]:
 
 
 def test_cases_cover_the_models_tiles_and_split_sums():
-    """The parity cases run every tile shape the models launch, in fp32 and in fp16, and token sums split over
-    several programs, each summing several tiles, with a ragged last tile."""
+    """The parity cases run every tile shape the models launch on either target, in fp32 and in fp16, and token
+    sums split over several programs, each summing several tiles, with a ragged last tile."""
     for dtype in (torch.float32, torch.float16):
-        tiles = {(c.BLOCK_N, c.BLOCK_D) for c in (fused.launch_config(*shape, dtype, SM90) for shape, _, _ in
-                                                  CASES.values())}
-        models = {(c.BLOCK_N, c.BLOCK_D) for c in (fused.launch_config(8, 2, 3136, D, dtype, t)
-                                                   for D in _model_head_dims() for t in TARGETS)}
+        tiles = {(c.BLOCK_N, c.BLOCK_D, c.num_warps) for c in
+                 [fused.launch_config(*shape, dtype, SM90) for shape, _, _ in CASES.values()]
+                 + [fused.launch_config(*CASES[case][0], dtype, SM80) for case in SM80_CASES
+                    if dtype == torch.float16]}
+        models = {(c.BLOCK_N, c.BLOCK_D, c.num_warps) for c in (fused.launch_config(8, 2, 3136, D, dtype, t)
+                                                                for D in _model_head_dims() for t in TARGETS)}
         assert models <= tiles, f"{dtype}: tiles {models - tiles} untested"
         split = [(shape, c) for shape, c in ((s, fused.launch_config(*s, dtype, SM90)) for s, _, _ in CASES.values())
                  if c.split > 1 and c.chunk > c.BLOCK_N and shape[2] % c.BLOCK_N]
@@ -128,10 +131,11 @@ def test_clamp_binds_some_rows_of_the_l2vit_case():
     assert (den < 100).any() and (den > 100).any()
 
 
-@pytest.mark.parametrize("case,dtype", [pytest.param(case, dtype, id=f"{case}-{str(dtype)[6:]}") for case, dtype in
-                                        [(case, torch.float16) for case in CASES]
-                                        + [(case, torch.bfloat16) for case in ("l2vit", "rala")]])
-def test_triton_low_precision(case, dtype):
+@pytest.mark.parametrize("case,dtype,target", [
+    pytest.param(case, dtype, target, id=f"{case}-{str(dtype)[6:]}-{target.name}") for case, dtype, target in
+    [(case, torch.float16, SM90) for case in CASES] + [(case, torch.bfloat16, SM90) for case in ("l2vit", "rala")]
+    + [(case, torch.float16, SM80) for case in SM80_CASES]])
+def test_triton_low_precision(case, dtype, target):
     """FlashAttention's rule: at most twice the error of the plain formula run in the low precision itself."""
     shape, opts, shift = CASES[case]
     q, k, v = _inputs(*shape, dtype, seed=2, shift=shift)
@@ -140,7 +144,7 @@ def test_triton_low_precision(case, dtype):
                  *(t.detach().double().requires_grad_() for t in (q, k, v)), d_out.double())
     same_dtype = _run(lambda *t: _low_precision_formula(*t, **_options(opts, shape[2], shape[3], dtype)), q, k, v,
                       d_out)
-    with use_backend("triton"):
+    with use_backend("triton"), use_target(target):
         got = _run(lambda *t: linear_attention(*t, **_options(opts, shape[2], shape[3], dtype)), q, k, v, d_out)
     for name, g, s, e in zip(("out", "dq", "dk", "dv"), got, same_dtype, exact, strict=True):
         assert g.dtype == dtype

@@ -74,18 +74,23 @@ def launch_config(B: int, H: int, N: int, D: int, dtype: torch.dtype, target: Ta
     A tile is BLOCK_N tokens × BLOCK_D channels: 32 tokens, 16 where a tile row takes 256 bytes or more (D = 128
     in fp16/bf16, D ≥ 64 in fp32, whose tf32x3 operands take twice the registers), with 4 warps, 8 for
     BLOCK_D = 128: at most 16 fp32 values per thread per tile, of which the kernels hold about eight at once.
-    (Larger tiles spill: 64 × 64 in the backward, and ptxas trims even the small state kernel to 64 registers
-    with a spill at 64 × 32.) The token sums are split into ``split`` chunks per (image, head) so that B·H·split
-    reaches PROGRAMS_PER_SM programs per SM of ``target``, with at least MIN_BLOCKS_PER_CHUNK tiles per chunk.
+    (Larger tiles spill: 64 × 64 with 4 warps in the backward, and ptxas trims even the small state kernel to 64
+    registers with a spill at 64 × 32.) On sm_90a, fp16/bf16 with BLOCK_D = 64 (RAVLT) take 64 × 64 tiles with 8
+    warps instead: 64 rows per warpgroup is what Hopper's wgmma needs, and it fits. The token sums are split into
+    ``split`` chunks per (image, head) so that B·H·split reaches PROGRAMS_PER_SM programs per SM of ``target``,
+    with at least MIN_BLOCKS_PER_CHUNK tiles per chunk.
     """
     block_d = max(16, triton.next_power_of_2(D))
     block_n = 16 if block_d * dtype.itemsize >= 256 else 32
+    num_warps = 8 if block_d > 64 else 4
+    if target.arch >= 90 and dtype.itemsize == 2 and block_d == 64:
+        block_n, num_warps = 64, 8
     n_blocks = triton.cdiv(N, block_n)
     wanted = triton.cdiv(PROGRAMS_PER_SM * target.num_sms, B * H)
     split = max(1, min(wanted, n_blocks // MIN_BLOCKS_PER_CHUNK))
     blocks_per_chunk = triton.cdiv(n_blocks, split)
     split = triton.cdiv(n_blocks, blocks_per_chunk)  # no empty chunk
-    return Config(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8 if block_d > 64 else 4, n_blocks=n_blocks,
+    return Config(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, n_blocks=n_blocks,
                   split=split, chunk=blocks_per_chunk * block_n)
 
 
