@@ -1,13 +1,16 @@
-"""linear_attention: the fused Triton path (under the interpreter on CPU) against the reference, forward and all
-gradients; the reference against the two papers' formulas as their authors write them, and autograd's
-numerical gradient."""
+"""linear_attention: the fused Triton path (under the interpreter on CPU, at the launch configuration an H100
+runs) against the reference, forward and all gradients; the reference against the two papers' formulas as their
+authors write them, and autograd's numerical gradient."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from attnzoo.backbones import l2vit, ravlt
 from attnzoo.kernels import linear_attention, trace, use_backend
+from attnzoo.kernels._triton import SM80, SM90, TARGETS, use_target
+from attnzoo.kernels.linear import fused
 from attnzoo.kernels.linear.reference import linear_attention_reference, rotate_pairs
 
 from ._util import assert_within_precision
@@ -47,7 +50,48 @@ CASES = {
     "rala": ((2, 2, 49, 32), dict(RALA, rope=True), 0.0),
     "rala_no_rope": ((1, 1, 300, 64), RALA, 0.0),
     "elu_plain": ((1, 2, 17, 16), dict(feature_map="elu"), 0.0),
+    "rala_d96": ((1, 1, 140, 96), dict(RALA, rope=True), 0.0),  # RAVLT-B/L's head dim, padded to 128
 }
+SM80_CASES = ("rala", "rala_no_rope")  # D = 64: fp16/bf16 tiles differ between sm_80 and sm_90a
+
+
+@pytest.fixture(autouse=True)
+def _h100():
+    """The fused kernels run at the launch configuration of an H100 (the CPU's default target, made explicit)."""
+    with use_target(SM90):
+        yield
+
+
+def _model_head_dims() -> set[int]:
+    """The head dims of every stage of every RAVLT and L²ViT variant."""
+    return {dim // heads for models in (ravlt._MODELS, l2vit._MODELS) for cfg in models.values()
+            for dim, heads in zip(cfg["dims"], cfg["num_heads"], strict=True)}
+
+
+def test_cases_cover_the_models_tiles_and_split_sums():
+    """The parity cases run every tile shape the models launch on either target, in fp32 and in fp16, and token
+    sums split over several programs, each summing several tiles, with a ragged last tile."""
+    for dtype in (torch.float32, torch.float16):
+        tiles = {(c.BLOCK_N, c.BLOCK_D, c.num_warps) for c in
+                 [fused.launch_config(*shape, dtype, SM90) for shape, _, _ in CASES.values()]
+                 + [fused.launch_config(*CASES[case][0], dtype, SM80) for case in SM80_CASES
+                    if dtype == torch.float16]}
+        models = {(c.BLOCK_N, c.BLOCK_D, c.num_warps) for c in (fused.launch_config(8, 2, 3136, D, dtype, t)
+                                                                for D in _model_head_dims() for t in TARGETS)}
+        assert models <= tiles, f"{dtype}: tiles {models - tiles} untested"
+        split = [(shape, c) for shape, c in ((s, fused.launch_config(*s, dtype, SM90)) for s, _, _ in CASES.values())
+                 if c.split > 1 and c.chunk > c.BLOCK_N and shape[2] % c.BLOCK_N]
+        assert split, f"{dtype}: no case splits its token sums into chunks of several tiles with a ragged tail"
+
+
+def test_bf16_tiles_as_fp16():
+    """bf16 launches exactly fp16's configuration, so the fp16 cases check bf16's tiling on the CPU: the
+    interpreter's bf16 `tl.dot` is wrong, and its bf16 runs multiply the bf16 operands in exact fp32 instead."""
+    for D in _model_head_dims():
+        for N in (49, 3136, 9216):
+            for t in TARGETS:
+                assert fused.launch_config(4, 3, N, D, torch.bfloat16, t) == \
+                    fused.launch_config(4, 3, N, D, torch.float16, t)
 
 
 def _options(opts, N, D, dtype):
@@ -87,9 +131,11 @@ def test_clamp_binds_some_rows_of_the_l2vit_case():
     assert (den < 100).any() and (den > 100).any()
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", ["l2vit", "rala"])
-def test_triton_low_precision(case, dtype):
+@pytest.mark.parametrize("case,dtype,target", [
+    pytest.param(case, dtype, target, id=f"{case}-{str(dtype)[6:]}-{target.name}") for case, dtype, target in
+    [(case, torch.float16, SM90) for case in CASES] + [(case, torch.bfloat16, SM90) for case in ("l2vit", "rala")]
+    + [(case, torch.float16, SM80) for case in SM80_CASES]])
+def test_triton_low_precision(case, dtype, target):
     """FlashAttention's rule: at most twice the error of the plain formula run in the low precision itself."""
     shape, opts, shift = CASES[case]
     q, k, v = _inputs(*shape, dtype, seed=2, shift=shift)
@@ -98,11 +144,31 @@ def test_triton_low_precision(case, dtype):
                  *(t.detach().double().requires_grad_() for t in (q, k, v)), d_out.double())
     same_dtype = _run(lambda *t: _low_precision_formula(*t, **_options(opts, shape[2], shape[3], dtype)), q, k, v,
                       d_out)
-    with use_backend("triton"):
+    with use_backend("triton"), use_target(target):
         got = _run(lambda *t: linear_attention(*t, **_options(opts, shape[2], shape[3], dtype)), q, k, v, d_out)
     for name, g, s, e in zip(("out", "dq", "dk", "dv"), got, same_dtype, exact, strict=True):
         assert g.dtype == dtype
         assert_within_precision(f"{case} {name}", g, s, e, dtype)
+
+
+def test_offsets_past_2_31_elements():
+    """Views whose batch stride is 2^30 elements put the third image past 2^31: the kernels must give exactly
+    what they give on contiguous copies (int32 offsets would wrap and read outside the tensors). The storage is
+    one lazy `torch.empty` of 4 GiB, of which the OS commits only the pages the views touch."""
+    B, H, N, D = 3, 1, 40, 16
+    stride, size = 2 ** 30, H * N * D
+    base = torch.empty(stride * (B - 1) + 4 * size, dtype=torch.float16)
+    views = [base[i * size:].as_strided((B, H, N, D), (stride, N * D, D, 1)) for i in range(4)]
+    gen = torch.Generator().manual_seed(7)
+    for t in views:
+        t.copy_(torch.randn(B, H, N, D, generator=gen))
+    opts = _options(RALA, N, D, torch.float16)
+    copies = [t.clone() for t in views]
+    with use_backend("triton"):
+        got = _run(lambda *t: linear_attention(*t, **opts), *(t.requires_grad_() for t in views[:3]), views[3])
+        want = _run(lambda *t: linear_attention(*t, **opts), *(t.requires_grad_() for t in copies[:3]), copies[3])
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert torch.equal(g, w), f"{name} differs on the strided views"
 
 
 def _low_precision_formula(q, k, v, feature_map="relu", reweight_keys=False, rope=None, clamp_min=None, eps=0.0):

@@ -67,26 +67,18 @@ _OP = Op(OP, fused, reference=linear_attention_reference, torch=linear_attention
          unsupported=lambda q, *_: fused.unsupported(q))
 
 
-def _launch(q, feature_map, reweight_scale, cos, sin, clamp_min, eps):
-    """The fused launch and the RoPE tables as the kernels read them (fp32, contiguous)."""
-    if cos is not None:
-        cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    return fused._Launch(q, feature_map, reweight_scale, cos, clamp_min, eps), cos, sin
-
-
 @_OP.forward
 def _forward(q: Tensor, k: Tensor, v: Tensor, feature_map: str, reweight_scale: float | None, cos: Tensor | None,
              sin: Tensor | None, clamp_min: float | None, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The output, then the state S, Σ k', mean φ(q) and α's softmax max and sum (fp32, padded to the kernels'
     BLOCK_D)."""
-    launch, cos, sin = _launch(q, feature_map, reweight_scale, cos, sin, clamp_min, eps)
-    return fused._forward(q, k, v, cos, sin, launch)
+    return fused._forward(q, k, v, feature_map, reweight_scale, cos, sin, clamp_min, eps)
 
 
 @_OP.fake
 def _(q, k, v, feature_map, reweight_scale, cos, sin, clamp_min, eps):
-    B, H, _, D = q.shape
-    pad = max(16, 1 << (int(D) - 1).bit_length())  # the kernels' BLOCK_D, next power of two
+    B, H = q.shape[:2]
+    pad = fused.residual_width(q)
     f32 = dict(dtype=torch.float32)
     return (q.new_empty(q.shape), q.new_empty((B * H, pad, pad), **f32), q.new_empty((B * H, pad), **f32),
             q.new_empty((B * H, pad), **f32), q.new_empty((B * H, 2), **f32))
@@ -96,8 +88,8 @@ def _(q, k, v, feature_map, reweight_scale, cos, sin, clamp_min, eps):
 def _backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, feature_map: str, reweight_scale: float | None,
               cos: Tensor | None, sin: Tensor | None, clamp_min: float | None, eps: float, state: Tensor,
               k_sum: Tensor, q_mean: Tensor, stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    launch, cos, sin = _launch(q, feature_map, reweight_scale, cos, sin, clamp_min, eps)
-    return fused._backward(q, k, v, cos, sin, state, k_sum, q_mean, stats, d_out, launch)
+    return fused._backward(d_out, q, k, v, feature_map, reweight_scale, cos, sin, clamp_min, eps, state, k_sum,
+                           q_mean, stats)
 
 
 @_OP.backward_fake
