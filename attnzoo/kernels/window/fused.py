@@ -55,8 +55,8 @@ def _launch_config(N: int, D: int, dtype: torch.dtype, target: Target) -> dict:
     are 3×3 tiles) and up to 32 for fp32 inputs, whose exact products run on FMA units and hold their operands
     in registers. 4 warps split the query rows (a 64-row tile is then one warpgroup, the unit of sm_90a's
     `wgmma`), 8 for fp32. No software pipelining (num_stages=1): a window's key loop is a few steps (1 for 49
-    tokens, 3 for 144), too short to hide a load behind, and the prefetched tiles cost registers (ptxas spills with 2 stages). The
-    same on sm_80 and sm_90a; the target enters through the bias gradient's program count.
+    tokens, 3 for 144), too short to hide a load behind, and the prefetched tiles cost registers (ptxas spills
+    with 2 stages). The same on sm_80 and sm_90a; the target enters through the bias gradient's program count.
     """
     del target  # one tiling for both targets; see _bias_grad_chunks
     cap = 32 if dtype == torch.float32 else 64
