@@ -88,14 +88,16 @@ def _tile(
     # base-2 logits log2(e)·(scale·q kᵀ + pos_scale·pos); the whole row is in the tile, so softmax is exact
     s = dot(q, tl.trans(k), FP32) * scale_qk + pos * scale_pos
     s = tl.where(k_ok[None, :], s, float("-inf"))
-    p = tl.exp2(s - tl.max(s, 1)[:, None])
-    p = p / tl.sum(p, 1)[:, None]
-    return q, k, v, hr, wr, p, qy, qx, q_ok, ky, kx, k_ok, k_in, iy, ix, dqk, dv, r
+    lse = tl.max(s, 1)
+    p = tl.exp2(s - lse[:, None])
+    lse += tl.log2(tl.sum(p, 1))
+    p = tl.exp2(s - lse[:, None])
+    return lse, q, k, v, hr, wr, p, qy, qx, q_ok, ky, kx, k_ok, k_in, iy, ix, dqk, dv, r
 
 
 @triton.jit
 def _fwd_kernel(
-    q_ptr, k_ptr, v_ptr, hr_ptr, wr_ptr, o_ptr,
+    q_ptr, k_ptr, v_ptr, hr_ptr, wr_ptr, o_ptr, lse_ptr,
     sq_b, sq_n, sq_h, sq_w, sq_d, sk_b, sk_n, sk_h, sk_w, sk_d, sv_b, sv_n, sv_h, sv_w, sv_d,
     s_hr_r, s_hr_d, s_wr_r, s_wr_d, so_b, so_n, so_h, so_w, so_d,
     NHEADS, H, W, DQK, DV, scale_qk, scale_pos,
@@ -107,7 +109,7 @@ def _fwd_kernel(
     nw = W // BLOCK
     bi, bj = tl.program_id(0) // nw, tl.program_id(0) % nw
     b, n = tl.program_id(1) // NHEADS, tl.program_id(1) % NHEADS
-    q, k, v, hr, wr, p, qy, qx, q_ok, ky, kx, k_ok, k_in, iy, ix, dqk, dv, r = _tile(
+    lse, q, k, v, hr, wr, p, qy, qx, q_ok, ky, kx, k_ok, k_in, iy, ix, dqk, dv, r = _tile(
         q_ptr, k_ptr, v_ptr, hr_ptr, wr_ptr, bi, bj, b, n,
         sq_b, sq_n, sq_h, sq_w, sq_d, sk_b, sk_n, sk_h, sk_w, sk_d, sv_b, sv_n, sv_h, sv_w, sv_d,
         s_hr_r, s_hr_d, s_wr_r, s_wr_d, H, W, DQK, DV, scale_qk, scale_pos,
@@ -116,6 +118,8 @@ def _fwd_kernel(
     o_rows = o_ptr + b * so_b + n * so_n + (bi * BQ + qy) * so_h + (bj * BQ + qx) * so_w
     tl.store(o_rows[:, None] + dv[None, :] * so_d, out.to(o_ptr.dtype.element_ty),
              mask=q_ok[:, None] & (dv < DV)[None, :])
+    q_idx = (bi * BQ + qy) * (W // BLOCK * BQ) + bj * BQ + qx
+    tl.store(lse_ptr + tl.program_id(1) * (H // BLOCK * BQ) * (W // BLOCK * BQ) + q_idx, lse, mask=q_ok)
 
 
 @triton.jit
@@ -134,7 +138,7 @@ def _bwd_kernel(
     nw = W // BLOCK
     bi, bj = tl.program_id(0) // nw, tl.program_id(0) % nw
     b, n = tl.program_id(1) // NHEADS, tl.program_id(1) % NHEADS
-    q, k, v, hr, wr, p, qy, qx, q_ok, ky, kx, k_ok, k_in, iy, ix, dqk, dv, r = _tile(
+    lse, q, k, v, hr, wr, p, qy, qx, q_ok, ky, kx, k_ok, k_in, iy, ix, dqk, dv, r = _tile(
         q_ptr, k_ptr, v_ptr, hr_ptr, wr_ptr, bi, bj, b, n,
         sq_b, sq_n, sq_h, sq_w, sq_d, sk_b, sk_n, sk_h, sk_w, sk_d, sv_b, sv_n, sv_h, sv_w, sv_d,
         s_hr_r, s_hr_d, s_wr_r, s_wr_d, H, W, DQK, DV, scale_qk, scale_pos,
@@ -194,34 +198,47 @@ def _launch_args(q, k, v, height_rel, width_rel, block: int, halo: int, scale: f
     return grid, scalars, const, pos_scale
 
 
+def _forward(q, k, v, height_rel, width_rel, block: int, halo: int, scale: float, scale_pos_embed: bool):
+    """The forward launch: (out [B, N, Hq, Wq, Dv] in q's dtype, lse [B, N, Hq, Wq] fp32, the base-2
+    log-sum-exp of each query's logits, which the backward takes to recompute P)."""
+    grid, scalars, const, _ = _launch_args(q, k, v, height_rel, width_rel, block, halo, scale, scale_pos_embed)
+    B, N, Hq, Wq, _ = q.shape
+    # stored [B, N, Dv, Hq, Wq], so folding the heads back into channels is a free view
+    out = torch.empty(B, N, v.shape[-1], Hq, Wq, dtype=q.dtype, device=q.device).permute(0, 1, 3, 4, 2)
+    lse = torch.empty(B, N, Hq, Wq, dtype=torch.float32, device=q.device)
+    _fwd_kernel[grid](q, k, v, height_rel, width_rel, out, lse, *q.stride(), *k.stride(), *v.stride(),
+                      *height_rel.stride(), *width_rel.stride(), *out.stride(), *scalars, **const)
+    return out, lse
+
+
+def _backward(do, q, k, v, height_rel, width_rel, out, lse, block: int, halo: int, scale: float,
+              scale_pos_embed: bool):
+    """The backward launch: the gradients of q, k, v, height_rel, width_rel, given the output gradient `do`
+    and the forward's `out` and `lse`."""
+    grid, scalars, const, pos_scale = _launch_args(
+        q, k, v, height_rel, width_rel, block, halo, scale, scale_pos_embed)
+    dq = torch.empty_like(q)
+    acc = dict(dtype=torch.float32, device=q.device)
+    dk, dv = torch.zeros(k.shape, **acc), torch.zeros(v.shape, **acc)
+    dhr, dwr = torch.zeros(height_rel.shape, **acc), torch.zeros(width_rel.shape, **acc)
+    _bwd_kernel[grid](q, k, v, height_rel, width_rel, do, dq, dk, dv, dhr, dwr,
+                      *q.stride(), *k.stride(), *v.stride(), *height_rel.stride(), *width_rel.stride(),
+                      *do.stride(), *dq.stride(), *scalars, scale, pos_scale,
+                      WIN_PAD=_pad(const["WIN"]), **const)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dhr.to(height_rel.dtype), dwr.to(width_rel.dtype)
+
+
 class _HaloAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, height_rel, width_rel, block, halo, scale, scale_pos_embed):
-        grid, scalars, const, pos_scale = _launch_args(
-            q, k, v, height_rel, width_rel, block, halo, scale, scale_pos_embed)
-        B, N, Hq, Wq, _ = q.shape
-        # stored [B, N, Dv, Hq, Wq], so folding the heads back into channels is a free view
-        out = torch.empty(B, N, v.shape[-1], Hq, Wq, dtype=q.dtype, device=q.device).permute(0, 1, 3, 4, 2)
-        _fwd_kernel[grid](q, k, v, height_rel, width_rel, out, *q.stride(), *k.stride(), *v.stride(),
-                          *height_rel.stride(), *width_rel.stride(), *out.stride(), *scalars, **const)
-        ctx.save_for_backward(q, k, v, height_rel, width_rel)
-        ctx.launch = (grid, scalars, const, scale, pos_scale)
+        out, lse = _forward(q, k, v, height_rel, width_rel, block, halo, scale, scale_pos_embed)
+        ctx.save_for_backward(q, k, v, height_rel, width_rel, out, lse)
+        ctx.args = (block, halo, scale, scale_pos_embed)
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, height_rel, width_rel = ctx.saved_tensors
-        grid, scalars, const, scale, pos_scale = ctx.launch
-        dq = torch.empty_like(q)
-        acc = dict(dtype=torch.float32, device=q.device)
-        dk, dv = torch.zeros(k.shape, **acc), torch.zeros(v.shape, **acc)
-        dhr, dwr = torch.zeros(height_rel.shape, **acc), torch.zeros(width_rel.shape, **acc)
-        _bwd_kernel[grid](q, k, v, height_rel, width_rel, do, dq, dk, dv, dhr, dwr,
-                          *q.stride(), *k.stride(), *v.stride(), *height_rel.stride(), *width_rel.stride(),
-                          *do.stride(), *dq.stride(), *scalars, scale, pos_scale,
-                          WIN_PAD=_pad(const["WIN"]), **const)
-        return (dq, dk.to(k.dtype), dv.to(v.dtype), dhr.to(height_rel.dtype), dwr.to(width_rel.dtype),
-                None, None, None, None)
+        return (*_backward(do, *ctx.saved_tensors, *ctx.args), None, None, None, None)
 
 
 def halo_attention_fused(q, k, v, height_rel, width_rel, block: int, halo: int, scale: float,
