@@ -146,7 +146,7 @@ def _chunk(
                 mask=k_in[:, None] & (dv < DV)[None, :], other=0.0)
     c = tl.arange(0, 2 * C_PAD)
     e = tl.where((c >= C_PAD)[:, None], kx[None, :] == (c - C_PAD)[:, None], ky[None, :] == c[:, None])
-    e = e.to(k.dtype)
+    e = tl.where(e, 1.0, 0.0).to(k.dtype)  # (not a bool cast: the interpreter's bool → bf16 is wrong)
     pos = dot(s_hi, e, FP32)
     if SPLIT:
         pos += dot(s_lo, e, FP32)
