@@ -70,8 +70,8 @@ def launch_config(bq: int, win: int, dqk: int, dv: int, dtype: torch.dtype, targ
 
     - BLOCK_M: the query block padded to a power of two, 16 to 64 (a larger block takes several programs).
     - fp16/bf16: one warp per 16 query rows, so a 64-row program is one warpgroup (``wgmma`` on sm_90a,
-      ``mma`` on sm_80); the forward takes 32 keys a step, the backward 16 (it holds dq, dS and the tables'
-      sums besides: at 32 keys the sm_80 backward spills for Dv = 108).
+      ``mma`` on sm_80), and at least two (one warp alone holds whole [keys, D] operands and spills at D = 64);
+      the forward takes 32 keys a step, the backward 16 (at 32 the sm_80 backward spills for Dv = 108).
     - fp32 (exact products on the FMA units, each thread holding whole rows of its operands): twice the warps
       and 16 keys a step.
     - Two pipeline stages: the next chunk's keys load while this one computes.
@@ -83,7 +83,7 @@ def launch_config(bq: int, win: int, dqk: int, dv: int, dtype: torch.dtype, targ
     if dtype == torch.float32:
         tiles = Tiles(block_m=block_m, block_n=16, num_warps=block_m // 8, num_stages=2)
         return LaunchConfig(fwd=tiles, bwd=tiles)
-    warps = block_m // 16
+    warps = max(2, block_m // 16)
     return LaunchConfig(fwd=Tiles(block_m, 32, warps, 2), bwd=Tiles(block_m, 16, warps, 2))
 
 
