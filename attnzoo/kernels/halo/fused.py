@@ -3,9 +3,10 @@
 Layout of the work. One program takes up to 64 queries of one query block of one (image, head), warps over the
 query rows (16 each), and loops over the win² keys of the block's neighbourhood (win = b + 2h) in chunks of
 BLOCK_N with an online softmax, as FlashAttention does, so every product is a 2-D ``tl.dot`` on tensor cores
-and a 144- or 196-key window costs 160 or 224 keys of work, not 256. Each chunk is gathered straight from the
-key/value maps with masked loads: keys outside the image read as zero, as timm's zero padding, and no unfolded
-copy is ever written. :func:`launch_config` is the one rule for the tile sizes.
+and a 144- or 196-key window costs 160 or 224 keys of work in the forward (144 or 208 in the backward), not
+256. Each chunk is gathered straight from the key/value maps with masked loads: keys outside the image read as
+zero, as timm's zero padding, and no unfolded copy is ever written. :func:`launch_config` is the one rule for
+the tile sizes.
 
 Relative logits. q·[height_rel; width_rel]ᵀ is one [BLOCK_M, 2·R] product per program; a gather along each row
 turns it from relative to absolute columns, S_h[i, c] = q_i·height_rel[c − y_i + win − 1] for window row c
@@ -15,12 +16,16 @@ which for a chunk of keys is one product [S_h | S_w] · E with the one-hot E[c, 
 
 Backward. P is recomputed from the forward's log-sum-exp (stored per query, base 2), then per chunk
     dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP − Δ),  Δ = rowsum(dO ∘ O),  dQ += scale·dS K,  dK = scale·dSᵀ Q,
-and the one-hot product dS·Eᵀ sums dS over each window row and column; shifted back to relative columns with
-the same gather, it gives dq's relative terms and, per query, the gradient of q·tableᵀ, which one matmul with q
-outside the kernel reduces to the tables' gradients. Each query belongs to one block, so dQ is written
-directly. A key in a halo belongs to up to four neighbourhoods: each program writes its window's dK and dV rows
-(fp32) to a buffer of its own, and :func:`_fold_kernel` sums, per key, the windows that hold it in a fixed
-order, so the gradients are deterministic (no atomics). All offsets a program id meets are int64.
+in two launches of the same program (``KEYS``): the first accumulates dQ and the one-hot product dS·Eᵀ, which
+sums dS over each window row and column (shifted back to relative columns with the same gather, it gives dq's
+relative terms and, per query, the gradient of q·tableᵀ, which one matmul with q outside the kernel reduces to
+the tables' gradients); the second writes dK and dV. Split so, neither holds more than a forward's registers:
+one pass holding all of it spills on sm_80. dV and dK are computed transposed (dOᵀ P, Qᵀ dS) so the
+loop-invariant dO and Q are the products' first operands, split over the warps. Each query belongs to one
+block, so dQ is written directly. A key in a halo belongs to up to four neighbourhoods: each program writes its
+window's dK and dV rows (fp32) to a buffer of its own, and :func:`_fold_kernel` sums, per key, the windows
+that hold it in a fixed order, so the gradients are deterministic (no atomics). All offsets a program id meets
+are int64.
 """
 from __future__ import annotations
 
@@ -213,9 +218,9 @@ def _bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, C_PAD: tl.constexpr,
     DQK_PAD: tl.constexpr, DV_PAD: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr, KEYS: tl.constexpr,
 ):
-    """The forward's program, backwards. dq is written in place; dk and dv rows go to this program's slots of the
-    fp32 buffers [B, N, programs(0), win², D] (for :func:`_fold_kernel`), and each query's gradient of q·tableᵀ
-    to drel [B, N, Hq, Wq, 2, 2·win − 1] (fp32)."""
+    """The forward's program, backwards. KEYS=False: dq is written in place and each query's gradient of
+    q·tableᵀ to drel [B, N, Hq, Wq, 2, 2·win − 1] (fp32). KEYS=True: the window's dk and dv rows go to this
+    program's slots of the fp32 buffers [B, N, programs(0), win², D] (for :func:`_fold_kernel`)."""
     M_SPLIT: tl.constexpr = (BQ * BQ + BLOCK_M - 1) // BLOCK_M
     blk, m0 = tl.program_id(0) // M_SPLIT, tl.program_id(0) % M_SPLIT * BLOCK_M
     bi, bj = blk // (W // BLOCK), blk % (W // BLOCK)
@@ -336,10 +341,10 @@ def _fold(part: torch.Tensor, like: torch.Tensor, block: int, halo: int) -> torc
     backward's programs wrote for their windows (blocks × M_SPLIT programs)."""
     B, N, H, W, D = like.shape
     out = torch.empty_like(like)
-    bk = triton.next_power_of_2(block * block)
     _fold_kernel[((H // block) * (W // block), N, B)](
         part, out, *out.stride(), H, W, D, BLOCK=block, HALO=halo, WIN=block + 2 * halo,
-        REACH=triton.cdiv(halo, block), M_SPLIT=part.shape[2] // ((H // block) * (W // block)), BLOCK_K=bk, D_PAD=triton.next_power_of_2(D), num_warps=4)
+        REACH=triton.cdiv(halo, block), M_SPLIT=part.shape[2] // ((H // block) * (W // block)),
+        BLOCK_K=triton.next_power_of_2(block * block), D_PAD=triton.next_power_of_2(D), num_warps=4)
     return out
 
 
