@@ -72,31 +72,35 @@ _OP = Op(OP, fused, reference=halo_attention_reference, torch=_torch,
 
 @_OP.forward
 def _forward(q: Tensor, k: Tensor, v: Tensor, height_rel: Tensor, width_rel: Tensor, block_size: int,
-             halo_size: int, scale: float, scale_pos_embed: bool) -> Tensor:
+             halo_size: int, scale: float, scale_pos_embed: bool) -> tuple[Tensor, Tensor]:
+    """The output, then the base-2 log-sum-exp of each query's logits (fp32 [B, N, Hq, Wq])."""
     return fused._forward(q, k, v, height_rel, width_rel, block_size, halo_size, scale, scale_pos_embed)
 
 
 @_OP.fake
 def _(q, k, v, height_rel, width_rel, block_size, halo_size, scale, scale_pos_embed):
     B, N, Hq, Wq, _ = q.shape
-    return q.new_empty(B, N, v.shape[-1], Hq, Wq).permute(0, 1, 3, 4, 2)  # the kernel's layout
+    out = q.new_empty(B, N, v.shape[-1], Hq, Wq).permute(0, 1, 3, 4, 2)  # the kernel's layout
+    return out, q.new_empty(B, N, Hq, Wq, dtype=torch.float32)
 
 
 @_OP.backward
-def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, height_rel: Tensor, width_rel: Tensor,
-              block_size: int, halo_size: int, scale: float,
+def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, height_rel: Tensor, width_rel: Tensor, out: Tensor,
+              lse: Tensor, block_size: int, halo_size: int, scale: float,
               scale_pos_embed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return fused._backward(do, q, k, v, height_rel, width_rel, block_size, halo_size, scale, scale_pos_embed)
+    return fused._backward(do, q, k, v, height_rel, width_rel, out, lse, block_size, halo_size, scale,
+                           scale_pos_embed)
 
 
 @_OP.backward_fake
-def _(do, q, k, v, height_rel, width_rel, block_size, halo_size, scale, scale_pos_embed):
+def _(do, q, k, v, height_rel, width_rel, out, lse, block_size, halo_size, scale, scale_pos_embed):
     return torch.empty_like(q), *(t.new_empty(t.shape) for t in (k, v, height_rel, width_rel))
 
 
-@_OP.grads()
+@_OP.grads(saved=(0, 1))
 def _(inputs, outputs, grads, needs):
-    return *_OP.backward_op(grads[0], *inputs), None, None, None, None
+    q, k, v, height_rel, width_rel, *config = inputs
+    return *_OP.backward_op(grads[0], q, k, v, height_rel, width_rel, *outputs, *config), None, None, None, None
 
 
 def _check(q, k, v, height_rel, width_rel, block_size, halo_size) -> None:
