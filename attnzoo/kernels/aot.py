@@ -63,7 +63,7 @@ from attnzoo.kernels._triton import SM90, TARGETS, Target, use_target
 
 TIME_LIMIT_S = 60.0  # a compile over this (CPU seconds) fails the check, and its worker is killed
 WALL_FACTOR = 4      # ... or once it has taken this many times as long in wall time
-CACHE_VERSION = 2  # of the Report fields; older cached reports are recompiled
+CACHE_VERSION = 3  # of the Report fields; older cached reports are recompiled
 CACHE_DIR = Path(os.environ.get("ATTNZOO_AOT_CACHE", Path.home() / ".cache" / "attnzoo" / "aot"))
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # kernels whose dot products must run on tensor cores (the elementwise gating kernels have none), for data in
@@ -450,6 +450,7 @@ class Report:
     max_shared: int | None = None
     seconds: float | None = None      # CPU seconds of the compile (Triton and ptxas)
     dots: int | None = None           # tt.dot operations in the kernel's Triton IR
+    dot_rows: int | None = None       # the most rows (M) of any of them: wgmma takes tiles of at least 64
     mma: bool = False                 # mma.sync in the PTX
     wgmma: bool = False               # wgmma.mma_async in the PTX (sm_90a)
     int32_products: int | None = None  # see int32_products_of_program_ids
@@ -495,14 +496,21 @@ def problems(report: Report, time_limit: float = TIME_LIMIT_S) -> list[str]:
     if report.spill_stores or report.spill_loads:
         found.append(f"spills {report.spill_stores} B stores / {report.spill_loads} B loads")
     if report.launch.op in ATTENTION_OPS and report.launch.dtype in TENSOR_CORE_DTYPES and report.dots != 0:
-        if report.launch.target.startswith("sm_90") and not report.wgmma:
+        # Hopper's wgmma works on 64-row tiles per warpgroup: a kernel whose dots all have fewer rows (a 32 × 32
+        # state of L²ViT's D = 32 heads, HaloNet's 16-query strided blocks) runs them as mma.sync, the tensor-core
+        # instruction sm_90a shares with sm_80
+        wgmma_tiles = report.dot_rows is None or report.dot_rows >= 64
+        if report.launch.target.startswith("sm_90") and wgmma_tiles and not report.wgmma:
             found.append("no wgmma in the PTX")
-        elif not report.launch.target.startswith("sm_90") and not report.mma:
+        elif not (report.launch.target.startswith("sm_90") and wgmma_tiles) and not report.mma:
             found.append("no mma.sync in the PTX")
     return found
 
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
+# the result type of a tt.dot in the Triton IR: `... -> tensor<64x32xf32>` (batched: tensor<2x64x32xf32>, whose
+# rows are the second-last dim)
+_DOT_ROWS = re.compile(r"tt\.dot [^\n]*-> tensor<(?:\d+x)?(\d+)x\d+x\w+>")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
@@ -565,6 +573,7 @@ def compile_report(launch: Launch, use_cache: bool = True) -> Report:
         report.ptx_file = str(ptx_file)
         report.shared = kernel.metadata.shared
         report.dots = kernel.asm["ttir"].count("tt.dot ")
+        report.dot_rows = max((int(m) for m in _DOT_ROWS.findall(kernel.asm["ttir"])), default=None)
         report.mma = "mma.sync" in ptx
         report.wgmma = "wgmma.mma_async" in ptx
         regs, spill = _PTXAS_REGS.findall(log.text), _PTXAS_SPILL.findall(log.text)

@@ -92,7 +92,8 @@ def test_capture_records_without_running_and_restores():
         window_attention(q, q, q).sum().backward()
     assert q.grad is not None
     names = [ln.name for ln in cap.launches]
-    assert names == ["_window_fwd_kernel", "_window_bwd_kernel"], names
+    # forward; backward: rowsum(dO∘O), then dK/dV (which also writes dQ when all keys fit one block)
+    assert names == ["_fwd_kernel", "_bwd_delta_kernel", "_bwd_kv_kernel"], names
     for ln in cap.launches:
         assert ln.target == "sm_80" and ln.dtype == "bf16"
         assert dict(ln.params).get("FP32", False) is False, ln.params
@@ -111,6 +112,11 @@ def test_problems_names_every_failure():
                      max_shared=SM90.max_shared, seconds=61.0, mma=True, wgmma=False)
     assert len(aot.problems(bad)) == 4, aot.problems(bad)
     assert aot.problems(aot.Report(launch, timed_out=True)) == ["compile over 60 s"]
+    # dots of fewer than 64 rows have no wgmma form: mma.sync is sm_90a's tensor-core instruction for them
+    small = dict(registers=128, spill_stores=0, spill_loads=0, stack=0, shared=1024, max_shared=SM90.max_shared,
+                 seconds=1.0, dots=2, dot_rows=32)
+    assert aot.problems(aot.Report(launch, mma=True, **small)) == []
+    assert aot.problems(aot.Report(launch, **small)) == ["no mma.sync in the PTX"]
 
 
 def test_int32_products_of_program_ids_finds_a_32_bit_offset():

@@ -32,8 +32,8 @@ def window_attention(
     """Softmax attention within each of B short sequences.
 
     Args:
-        q, k, v: [B, H, N, D]. B counts windows × images, N is the window's token count (49, 64, 144, … ≤ 256
-            for the fused kernel), D the head dim (≤ 128 for the fused kernel). Any strides.
+        q, k, v: [B, H, N, D]. B counts windows × images, N is the window's token count (49, 64, 144, …; the
+            fused kernel loops over key blocks, so any N), D the head dim (≤ 128 for the fused kernel). Any strides.
         bias: additive logits, [H, N, N] (e.g. a relative position bias, shared by every window) or
             [G, H, N, N] with B divisible by G: window b takes ``bias[b % G]``, matching windows laid out
             image-major (e.g. Swin's per-window shift masks). The head dim may be 1 to share across heads.
