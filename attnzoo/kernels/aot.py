@@ -496,10 +496,11 @@ def problems(report: Report, time_limit: float = TIME_LIMIT_S) -> list[str]:
     if report.spill_stores or report.spill_loads:
         found.append(f"spills {report.spill_stores} B stores / {report.spill_loads} B loads")
     if report.launch.op in ATTENTION_OPS and report.launch.dtype in TENSOR_CORE_DTYPES and report.dots != 0:
-        # Hopper's wgmma works on 64-row tiles per warpgroup: a kernel whose dots all have fewer rows (a 32 × 32
-        # state of L²ViT's D = 32 heads, HaloNet's 16-query strided blocks) runs them as mma.sync, the tensor-core
-        # instruction sm_90a shares with sm_80
-        wgmma_tiles = report.dot_rows is None or report.dot_rows >= 64
+        # Hopper's wgmma is issued by a warpgroup (4 warps) on tiles of at least 64 rows: a kernel whose dots all
+        # have fewer rows (the 32 × 32 state of L²ViT's D = 32 heads) or that runs on fewer warps (HaloNet's
+        # 16-query strided blocks, 2 warps) runs them as mma.sync, the tensor-core instruction sm_90a shares
+        # with sm_80
+        wgmma_tiles = report.launch.num_warps >= 4 and (report.dot_rows is None or report.dot_rows >= 64)
         if report.launch.target.startswith("sm_90") and wgmma_tiles and not report.wgmma:
             found.append("no wgmma in the PTX")
         elif not (report.launch.target.startswith("sm_90") and wgmma_tiles) and not report.mma:
