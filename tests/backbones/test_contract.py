@@ -19,6 +19,8 @@ import torch
 
 import attnzoo  # noqa: F401
 
+from ..tools.conftest import one_thread  # noqa: F401  (autouse: one intra-op thread, as the tools' tests)
+
 SLOW = pytest.mark.slow
 
 
@@ -104,14 +106,6 @@ def _load_weights(features: torch.nn.Module, model: torch.nn.Module) -> None:
         return ".".join(head.rsplit("_", 1)) + "." + rest
 
     features.load_state_dict({k: own[source(k)] for k in features.state_dict()})
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_every_family_is_covered():
