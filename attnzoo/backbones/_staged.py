@@ -69,6 +69,19 @@ class StagedNet(nn.Module):
                 intermediates.append(self.norm(x) if norm and i == len(self.stages) - 1 else x)
         return intermediates if intermediates_only else (self.norm(x), intermediates)
 
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the norm and head when asked), as timm's models do
+        for a features-only use; returns the kept indices."""
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.conv_head = nn.Identity()
+            self.reset_classifier(0, "")
+        return take
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_image_batch(self, x, self.in_chans, self.family)
         return self.norm(self.stages(self.stem(x)))

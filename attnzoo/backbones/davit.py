@@ -31,7 +31,7 @@ import torch.nn as nn
 from timm.layers import DropPath, Mlp, calculate_drop_path_rates, get_norm_layer, to_2tuple
 from timm.models import davit as timm_davit
 from timm.models._registry import register_model
-from timm.models.davit import ConvPosEnc
+from timm.models.davit import ConvPosEnc, checkpoint_filter_fn
 from timm.models.maxxvit import window_partition, window_reverse
 
 from ..kernels import channel_attention, window_attention
@@ -40,7 +40,7 @@ from ._pretrained import split_output_norms
 from ._windows import pad_to_multiple, padding_key_mask
 
 __all__ = ["DaVit", "WindowAttention", "ChannelAttention", "DaVitBlock", "WINDOW_PADDING",
-           "det_checkpoint_filter_fn"]
+           "checkpoint_filter_fn", "det_checkpoint_filter_fn"]
 
 # the eps of the LayerNorm the authors' detection backbone (dingmyu/davit mmdet/mmdet/models/backbones/davit.py)
 # puts on each output, ``norm{i}`` = nn.LayerNorm(dim); read by attnzoo.det.AttnzooBackbone(out_norm=True)
@@ -239,7 +239,7 @@ def det_checkpoint_filter_fn(state_dict: dict, model: DaVit) -> dict[str, torch.
     ``main_blocks``), which timm's converter maps, without the head, plus an ``nn.LayerNorm`` ``norm{i}`` on the
     output of every stage, returned as ``out_norms.{i}.*``."""
     rest, norms = split_output_norms(state_dict, r"norm(\d+)\.")
-    return {**timm_davit.checkpoint_filter_fn(rest, model), **norms}
+    return {**checkpoint_filter_fn(rest, model), **norms}
 
 
 def _create_davit(variant: str, pretrained: bool = False, **kwargs) -> DaVit:
@@ -250,7 +250,7 @@ def _create_davit(variant: str, pretrained: bool = False, **kwargs) -> DaVit:
         DaVit,
         variant,
         pretrained,
-        pretrained_filter_fn=timm_davit.checkpoint_filter_fn,  # timm's layout as is; MSFT, Florence-2 renamed
+        pretrained_filter_fn=checkpoint_filter_fn,  # timm's layout as is; MSFT, Florence-2 renamed
         feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
         pretrained_strict=strict,
         **kwargs,

@@ -147,6 +147,22 @@ def test_features_only_equals_forward_intermediates(name):
 
 @pytest.mark.parametrize("name", PARAMS)
 @torch.no_grad()
+def test_prune_intermediate_layers_keeps_the_intermediates(name):
+    """timm's features-only surface (its test suite and FeatureGetterNet call it): pruning after the second
+    feature level leaves the first two levels' maps as they were."""
+    model = _built(name)
+    if not hasattr(model, "prune_intermediate_layers"):
+        pytest.skip(f"{name}: timm's {type(model).__name__} has no prune_intermediate_layers to match")
+    x = _x(model, _size(model, name))
+    before = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    assert model.prune_intermediate_layers([0, 1], prune_head=True) == [0, 1]
+    after = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    for got, want in zip(after, before, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", PARAMS)
+@torch.no_grad()
 def test_reset_classifier(name):
     model = _model(name)
     x = _x(model, _size(model, name))
