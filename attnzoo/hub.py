@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from timm.models._hub import generate_readme, save_for_hf
 from .backbones._pretrained import checkpoint_weights, read_training_checkpoint
 from .common import InputError, atomic_dir
 
-__all__ = ["fit_report", "load_weights", "read_state_dict", "save_hub_folder"]
+__all__ = ["filter_fn_of", "fit_report", "load_weights", "read_state_dict", "save_hub_folder"]
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -60,18 +61,41 @@ def fit_report(own: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor]
         ("shape (checkpoint vs model)", mismatched)) if keys)
 
 
+def filter_fn_of(model: torch.nn.Module) -> Callable | None:
+    """The ``checkpoint_filter_fn`` beside the model's class, or beside the timm class it derives from."""
+    for cls in type(model).__mro__:
+        fn = getattr(sys.modules.get(cls.__module__), "checkpoint_filter_fn", None)
+        if fn is not None:
+            return fn
+    return None
+
+
 def load_weights(model: torch.nn.Module, path: str | os.PathLike,
-                 filter_fn: Callable[[dict, torch.nn.Module], dict] | None = None) -> None:
+                 filter_fn: Callable[[dict, torch.nn.Module], dict] | None = None,
+                 new_head: bool = False) -> list[str]:
     """Load the weights at ``path`` into ``model`` strictly (after ``filter_fn(state_dict, model)``, e.g. the
-    model's ``checkpoint_filter_fn`` for the authors' layout); an InputError names the keys that do not fit."""
+    model's ``checkpoint_filter_fn`` for the authors' layout); an InputError names the keys that do not fit.
+    With ``new_head`` the classifier (``pretrained_cfg['classifier']``) may differ and keeps the model's own
+    weights; returns the classifier keys that did."""
     state_dict = read_state_dict(path)
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
-    report = fit_report(model.state_dict(), state_dict)
+    own = model.state_dict()
+    if new_head:
+        # the classifier may differ (fine-tuning to other classes): every key under it is the model's own
+        head = getattr(model, "pretrained_cfg", {}).get("classifier") or ""
+        under = tuple(f"{h}." for h in ([head] if isinstance(head, str) else head) if h)
+        differs = [k for k in {*own, *state_dict} if k.startswith(under) and
+                   (k not in own or k not in state_dict or own[k].shape != state_dict[k].shape)] if under else []
+        if differs:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(under)}
+            state_dict.update((k, v) for k, v in own.items() if k.startswith(under))
+    report = fit_report(own, state_dict)
     if report:
         name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
         raise InputError(f"checkpoint {path} does not fit model {name}:{report}")
     model.load_state_dict(state_dict)
+    return sorted(differs) if new_head else []
 
 
 def save_hub_folder(model: torch.nn.Module, folder: str | os.PathLike, *, label_names: list[str] | None = None,

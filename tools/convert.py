@@ -22,16 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import timm
-import torch
 
 import attnzoo  # noqa: F401  (registers attnzoo's models with timm)
 from attnzoo.cli import tool_main
 from attnzoo.common import InputError, check_model_name
-from attnzoo.hub import load_weights, save_hub_folder
+from attnzoo.hub import filter_fn_of, load_weights, save_hub_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,15 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keyword arguments for timm.create_model (e.g. num_classes of the checkpoint's head)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p.parse_args(argv)
-
-
-def filter_fn_of(model: torch.nn.Module) -> Callable | None:
-    """The ``checkpoint_filter_fn`` beside the model's class, or beside the timm class it derives from."""
-    for cls in type(model).__mro__:
-        fn = getattr(sys.modules.get(cls.__module__), "checkpoint_filter_fn", None)
-        if fn is not None:
-            return fn
-    return None
 
 
 def convert(model_name: str, checkpoint: Path, out: Path, model_args: dict, overwrite: bool = False) -> Path:

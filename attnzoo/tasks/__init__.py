@@ -89,13 +89,16 @@ def get_task(name: str) -> type[Task]:
     return getattr(importlib.import_module(module), cls)
 
 
-def create_model(args: argparse.Namespace, **kwargs) -> nn.Module:
+def create_model(args: argparse.Namespace, log: Callable[[str], None] = print, **kwargs) -> nn.Module:
     """``timm.create_model(args.model, ...)`` with the common model options (``--model-args``, ``--drop-path``,
     ``--pretrained``, ``--pretrained-file``) and ``kwargs`` (e.g. ``num_classes``), each failure an
-    :class:`InputError` that names the model."""
+    :class:`InputError` that names the model. ``--pretrained-file`` loads strictly (through the family's
+    checkpoint converter): a key that does not fit is an error naming it, and a new classifier, the only allowed
+    difference, is said through ``log``."""
     import timm
 
     from ..common import check_model_name
+    from ..hub import filter_fn_of, load_weights
 
     name = check_model_name(args.model)
     kwargs = {**args.model_args, **kwargs}
@@ -106,11 +109,16 @@ def create_model(args: argparse.Namespace, **kwargs) -> nn.Module:
 
         if not Path(args.pretrained_file).is_file():
             raise InputError(f"--pretrained-file {args.pretrained_file} does not exist")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(Path(args.pretrained_file).resolve()))
     try:
-        return timm.create_model(name, pretrained=args.pretrained or bool(args.pretrained_file), **kwargs)
+        model = timm.create_model(name, pretrained=args.pretrained, **kwargs)
     except TypeError as e:
         raise InputError(f"model {name!r} does not take the arguments {kwargs}: {e}") from None
+    if args.pretrained_file:
+        head = load_weights(model, args.pretrained_file, filter_fn=filter_fn_of(model), new_head=True)
+        if head:
+            log(f"--pretrained-file {args.pretrained_file}: a new classifier ({', '.join(head)} keep their "
+                f"initialisation: the file's do not fit the {getattr(model, 'num_classes', '?')} classes)")
+    return model
 
 
 def data_config(args: argparse.Namespace, model: nn.Module) -> dict:

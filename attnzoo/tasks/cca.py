@@ -62,7 +62,7 @@ class CCATask(Task):
             folder = root / args.cca_dataset
             train_set = AttributeTriplets(folder, attributes, args.cca_triplets)
             val_set = AttributeImages(folder, attributes, args.cca_eval_split)
-        backbone = create_model(args, num_classes=0)
+        backbone = create_model(args, log=self.run.log, num_classes=0)
         model = ConditionalCrossAttention(backbone, len(self.attribute_names), args.cca_embed_dim, args.cca_heads)
         self.data_config = data_config(args, backbone)
         train_set.transform = val_set.transform = create_transform(**self.data_config, is_training=False)

@@ -45,7 +45,7 @@ class ClassificationTask(Task):
         if skipped or val_skipped:
             run.log(f"skipped {len(skipped) + len(val_skipped)} unreadable image(s), e.g. {(skipped + val_skipped)[0]}")
         self.classes = class_names(train_set)
-        model = create_model(args, num_classes=len(self.classes))
+        model = create_model(args, log=self.run.log, num_classes=len(self.classes))
         self.data_config = data_config(args, model)
         train_set.transform = train_transform(args, self.data_config)
         val_set.transform = create_transform(**self.data_config, is_training=False)

@@ -60,7 +60,8 @@ class DCALTask(Task):
             train_set, val_set = CUB200(args.data, train=True), CUB200(args.data, train=False)
             num_classes = len(train_set.classes)
             self.classes = train_set.classes
-        backbone = create_model(args, num_classes=num_classes, **({"img_size": args.img_size} if args.img_size else {}))
+        backbone = create_model(args, log=self.run.log, num_classes=num_classes,
+                                **({"img_size": args.img_size} if args.img_size else {}))
         ratio = args.dcal_ratio if args.dcal_ratio is not None else DEFAULT_RATIO[args.dcal_dataset]
         self.model = DCAL(backbone, local_ratio=ratio, reid=self.reid, triplet_margin=args.dcal_margin)
         self.data_config = resolve_data_config(model=backbone)

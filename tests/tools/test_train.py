@@ -12,7 +12,7 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from attnzoo.tasks import create_model
 
@@ -127,8 +127,29 @@ def test_pretrained_fine_tuning_gets_the_hub_weights_and_a_new_head(offline_hub,
     # the same through a local file
     file = offline_hub("timm/davit_tiny.msft_in1k", published, filename="local.safetensors")
     args = train.parse_args(["unused", *TINY_DAVIT, "--pretrained-file", str(file)])
-    own = create_model(args, num_classes=3).state_dict()
+    said = []
+    own = create_model(args, log=said.append, num_classes=3).state_dict()
     assert all(torch.equal(own[k], published[k]) for k in body) and own["head.fc.bias"].shape == (3,)
+    assert len(said) == 1 and "new classifier (head.fc.bias, head.fc.weight" in said[0]
+    # the same class count: nothing to say, the head loaded too
+    said.clear()
+    own = create_model(args, log=said.append, num_classes=1000).state_dict()
+    assert not said and torch.equal(own["head.fc.weight"], published["head.fc.weight"])
+
+
+def test_pretrained_file_loads_strictly(shapes, tmp_path, capsys):
+    """A file that does not hold the model's weights is an error naming the keys, not a run from random
+    weights; only the classifier may differ."""
+    file = tmp_path / "other.safetensors"
+    save_file({"encoder.weight": torch.zeros(3)}, file)
+    argv = [str(shapes), "--output", str(tmp_path / "r"), *TINY_DAVIT, *FAST, "--max-steps", "1",
+            "--pretrained-file", str(file)]
+    _fails(capsys, argv, f"checkpoint {file} does not fit model davit_tiny", "missing from the checkpoint",
+           "not in the model", "encoder.weight")
+    body = {k: v for k, v in timm.create_model("davit_tiny", num_classes=5, **json.loads(TINY_DAVIT[3]))
+            .state_dict().items() if "stages.3" not in k}
+    save_file(body, file)
+    _fails(capsys, argv, "missing from the checkpoint", "stages.3.")
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
