@@ -43,6 +43,14 @@ def image_folder(root: str | os.PathLike, split: str, class_to_idx: dict[str, in
         raise InputError(f"{folder} has no images (expected one sub-folder per class holding "
                          f"{', '.join(get_img_extensions())} files)") from None
     samples = dataset.reader.samples
+    # timm's reader derives the classes from the files it finds: an empty class folder would silently vanish
+    # (and, in train, take the val images of that class with it)
+    found = {Path(path).relative_to(folder).parts[0] for path, _ in samples}
+    empty = sorted(d.name for d in folder.iterdir()
+                   if d.is_dir() and not d.name.startswith(".") and d.name not in found)
+    if empty:
+        raise InputError(f"{folder}: class folder(s) {', '.join(empty)} hold no image (expected "
+                         f"{', '.join(get_img_extensions())} files in each class folder)")
     skipped = [path for path, _ in samples if not _readable(path)]
     if skipped:
         bad = set(skipped)

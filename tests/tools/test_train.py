@@ -173,6 +173,15 @@ def test_missing_or_empty_data_folder(tmp_path, capsys):
     assert not out.exists()  # nothing half-written
 
 
+def test_an_empty_class_folder_is_named(shapes, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    (data / "train" / "zebra").mkdir()
+    _fails(capsys, [str(data), "--output", str(tmp_path / "r"), *TINY_DAVIT],
+           "train: class folder(s) zebra hold no image")
+    assert not (tmp_path / "r").exists()
+
+
 def test_unregistered_model_lists_the_closest_names(shapes, tmp_path, capsys):
     _fails(capsys, [str(shapes), "--output", str(tmp_path / "r"), "--model", "davit_tiyn"],
            "'davit_tiyn' is not registered", "davit_tiny")
