@@ -1,11 +1,8 @@
-# DaViT-T (dingmyu/davit README): RetinaNet 1x 44.0 AP; Mask R-CNN 1x 45.0 / 41.1, 3x 47.4 / 42.9;
-# UperNet 160k ADE20K 46.3 mIoU. drop_path 0.2 as in DaViT's own mmdet configs; their
-# backbone puts a LayerNorm on each output (out_norm), which their checkpoints carry.
-_base_ = [
-    '../_base_/models/mask-rcnn_attnzoo_fpn.py', '../_base_/datasets/coco_instance_ms-crop.py',
-    '../_base_/schedules/adamw_3x.py', '../_base_/default_runtime_det.py',
+_base_ = ['./mask-rcnn_davit-t_fpn_1x_coco.py', '../_base_/datasets/coco_instance_ms-crop_pipeline.py']
+train_pipeline = _base_.ms_crop_train_pipeline
+train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
+train_cfg = dict(max_epochs=36)
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=1000),
+    dict(type='MultiStepLR', begin=0, end=36, by_epoch=True, milestones=[27, 33], gamma=0.1),
 ]
-model = dict(
-    backbone=dict(model_name='davit_tiny', out_norm=True, out_indices=(0, 1, 2, 3), drop_path_rate=0.2,
-                  init_cfg=dict(type='Pretrained', checkpoint='timm/davit_tiny.msft_in1k')),
-    neck=dict(in_channels=[96, 192, 384, 768]))

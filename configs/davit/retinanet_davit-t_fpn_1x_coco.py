@@ -1,6 +1,3 @@
-# DaViT-T (dingmyu/davit README): RetinaNet 1x 44.0 AP; Mask R-CNN 1x 45.0 / 41.1, 3x 47.4 / 42.9;
-# UperNet 160k ADE20K 46.3 mIoU. drop_path 0.2 as in DaViT's own mmdet configs; their
-# backbone puts a LayerNorm on each output (out_norm), which their checkpoints carry.
 _base_ = [
     '../_base_/models/retinanet_attnzoo_fpn.py', '../_base_/datasets/coco_detection.py',
     '../_base_/schedules/adamw_1x.py', '../_base_/default_runtime_det.py',

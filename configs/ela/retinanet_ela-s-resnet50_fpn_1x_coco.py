@@ -1,8 +1,3 @@
-# ELA-S on ResNet-50. The ELA paper evaluates on COCO but no detection settings of it were retrievable (no author
-# code exists), so this is our reading: RetinaNet 1x in the style of the DaViT config, with mmdet's ResNet
-# conventions for a BatchNorm CNN (stem and first stage frozen, BatchNorm statistics fixed). ELA-S because the
-# versions' notes put S on deeper networks. No ImageNet weights are published: train ela_s_resnet50 with
-# tools/train.py, publish it (tools/publish.py writes model.safetensors) and point `checkpoint` at that file.
 _base_ = [
     '../_base_/models/retinanet_attnzoo_fpn.py', '../_base_/datasets/coco_detection.py',
     '../_base_/schedules/adamw_1x.py', '../_base_/default_runtime_det.py',

@@ -1,12 +1,8 @@
-# HaloNet (timm's halonet26t). The paper's COCO numbers were not published with code; the heads use the
-# hierarchical-transformer recipe. Halo attention needs every feature map divisible by its block size 8, so
-# inputs are padded to multiples of 256 (stride 32 x 8). out_indices 1-4: feature level 0 is the stride-2 stem.
-_base_ = [
-    '../_base_/models/mask-rcnn_attnzoo_fpn.py', '../_base_/datasets/coco_instance_ms-crop.py',
-    '../_base_/schedules/adamw_3x.py', '../_base_/default_runtime_det.py',
+_base_ = ['./mask-rcnn_halonet26t_fpn_1x_coco.py', '../_base_/datasets/coco_instance_ms-crop_pipeline.py']
+train_pipeline = _base_.ms_crop_train_pipeline
+train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
+train_cfg = dict(max_epochs=36)
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=1000),
+    dict(type='MultiStepLR', begin=0, end=36, by_epoch=True, milestones=[27, 33], gamma=0.1),
 ]
-model = dict(
-    data_preprocessor=dict(pad_size_divisor=256),
-    backbone=dict(model_name='halonet26t', out_indices=(1, 2, 3, 4), drop_path_rate=0.1,
-                  init_cfg=dict(type='Pretrained', checkpoint='timm/halonet26t.a1h_in1k')),
-    neck=dict(in_channels=[256, 512, 1024, 2048]))

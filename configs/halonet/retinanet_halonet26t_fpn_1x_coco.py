@@ -1,6 +1,3 @@
-# HaloNet (timm's halonet26t). The paper's COCO numbers were not published with code; the heads use the
-# hierarchical-transformer recipe. Halo attention needs every feature map divisible by its block size 8, so
-# inputs are padded to multiples of 256 (stride 32 x 8). out_indices 1-4: feature level 0 is the stride-2 stem.
 _base_ = [
     '../_base_/models/retinanet_attnzoo_fpn.py', '../_base_/datasets/coco_detection.py',
     '../_base_/schedules/adamw_1x.py', '../_base_/default_runtime_det.py',

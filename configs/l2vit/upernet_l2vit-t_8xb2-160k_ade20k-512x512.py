@@ -1,8 +1,3 @@
-# L2ViT-T, the authors' settings (ChuanyangZheng/L2ViT: object_detection/configs/L2ViT, semantic_segmentation/
-# configs/novel): mmdet 2 / mmseg 0.x configs ported to mmdet 3 / mmseg 1. Their backbone puts a LayerNorm on each
-# output (out_norm). Their detection configs train every schedule, 1x included, with the multi-scale + crop
-# augmentation, AdamW lr 1e-4, weight decay 0.05 on all parameters, mmdet's 500-iteration warm-up; drop_path 0.1
-# at 1x, 0.2 at 3x, 0.3 for UperNet. The COCO / ADE20K numbers are not in their README.
 _base_ = [
     '../_base_/models/upernet_attnzoo.py', '../_base_/datasets/ade20k.py',
     '../_base_/schedules/adamw_160k.py', '../_base_/default_runtime_seg.py',

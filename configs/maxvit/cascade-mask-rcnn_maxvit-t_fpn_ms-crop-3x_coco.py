@@ -1,5 +1,3 @@
-# MaxViT paper, Table 4: Cascade Mask R-CNN, 3x, IN-1k pretrained MaxViT-T: 52.1 box AP / 44.6 mask AP
-# (trained at 896^2).
 _base_ = [
     '../_base_/models/cascade-mask-rcnn_attnzoo_fpn.py', '../_base_/datasets/coco_instance_ms-crop.py',
     '../_base_/schedules/adamw_3x.py', '../_base_/default_runtime_det.py',

@@ -1,6 +1,3 @@
-# MaxViT-T. The paper reports only Cascade Mask R-CNN (52.1 box / 44.6 mask AP, see the cascade config); the
-# other heads use the hierarchical-transformer recipe. attnzoo's MaxViT pads block/grid partitions, so any input
-# size works. out_indices 1-4: feature level 0 is the stride-2 stem.
 _base_ = [
     '../_base_/models/mask-rcnn_attnzoo_fpn.py', '../_base_/datasets/coco_instance.py',
     '../_base_/schedules/adamw_1x.py', '../_base_/default_runtime_det.py',

@@ -1,11 +1,8 @@
-# MaxViT-T. The paper reports only Cascade Mask R-CNN (52.1 box / 44.6 mask AP, see the cascade config); the
-# other heads use the hierarchical-transformer recipe. attnzoo's MaxViT pads block/grid partitions, so any input
-# size works. out_indices 1-4: feature level 0 is the stride-2 stem.
-_base_ = [
-    '../_base_/models/mask-rcnn_attnzoo_fpn.py', '../_base_/datasets/coco_instance_ms-crop.py',
-    '../_base_/schedules/adamw_3x.py', '../_base_/default_runtime_det.py',
+_base_ = ['./mask-rcnn_maxvit-t_fpn_1x_coco.py', '../_base_/datasets/coco_instance_ms-crop_pipeline.py']
+train_pipeline = _base_.ms_crop_train_pipeline
+train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
+train_cfg = dict(max_epochs=36)
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=1000),
+    dict(type='MultiStepLR', begin=0, end=36, by_epoch=True, milestones=[27, 33], gamma=0.1),
 ]
-model = dict(
-    backbone=dict(model_name='maxvit_tiny_tf_224', out_indices=(1, 2, 3, 4), drop_path_rate=0.3,
-                  init_cfg=dict(type='Pretrained', checkpoint='timm/maxvit_tiny_tf_224.in1k')),
-    neck=dict(in_channels=[64, 128, 256, 512]))

@@ -1,9 +1,3 @@
-# RAVLT, the authors' settings (qhfan/RALA: detection/configs/RALA, segmentation/configs/RALA): mmdet 2 / mmseg 0.x
-# configs ported to mmdet 3 / mmseg 1, for the smallest size each table has (T for RetinaNet and Mask R-CNN 1x,
-# S for the 3x schedules and segmentation). Their backbone puts a LayerNorm on each output (out_norm). They train
-# in fp16 (add --amp to the training command) with mmdet's 500-iteration warm-up. COCO / ADE20K results from their
-# README: T RetinaNet 1x 45.9 AP, Mask R-CNN 1x 47.3 / 42.7; S Mask R-CNN 3x 51.4 / 45.5, Cascade Mask R-CNN 3x
-# 54.2 / 46.8, Semantic FPN 1x 49.5 mIoU, UperNet 2x (160k) 50.7 mIoU.
 _base_ = [
     '../_base_/models/upernet_attnzoo.py', '../_base_/datasets/ade20k.py',
     '../_base_/schedules/adamw_160k.py', '../_base_/default_runtime_seg.py',

@@ -1,8 +1,3 @@
-# ULSAM on MobileNetV2. The ULSAM paper reports classification only, so this is our reading: RetinaNet 1x in the
-# style of the DaViT config, with mmdet's conventions for a BatchNorm CNN (stem and first stage frozen, BatchNorm
-# statistics fixed). The stride 8-32 levels (32, 96, 320 channels) feed the FPN. No ImageNet weights are
-# published: train ulsam_mobilenetv2_100 with tools/train.py, publish it (tools/publish.py writes
-# model.safetensors) and point `checkpoint` at that file.
 _base_ = [
     '../_base_/models/retinanet_attnzoo_fpn.py', '../_base_/datasets/coco_detection.py',
     '../_base_/schedules/adamw_1x.py', '../_base_/default_runtime_det.py',

@@ -34,6 +34,20 @@ def test_every_family_but_ninformer_has_configs():
     assert modules - with_configs == {"ninformer"}  # its token-mixing MLP takes one token count (README)
 
 
+@pytest.mark.parametrize("folder", sorted({p.parent for p in CONFIGS}), ids=lambda p: p.name)
+def test_folder_documents_its_configs(folder):
+    import yaml
+
+    root = folder.parents[1]
+    meta = yaml.safe_load((folder / "metafile.yml").read_text())
+    assert (folder / "README.md").is_file()
+    listed = [root / m["Config"] for m in meta["Models"]]
+    assert sorted(listed) == sorted(folder.glob("*.py"))  # every config listed once, and only configs that exist
+    assert {m["In Collection"] for m in meta["Models"]} == {c["Name"] for c in meta["Collections"]}
+    readme = (folder / "README.md").read_text()
+    assert all(f"({p.name})" in readme for p in listed)  # the README's table links every config
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_config_builds(path):
     cfg = Config.fromfile(path)
@@ -119,7 +133,7 @@ def test_train_step_and_predict(family):
         <= set(losses)
     loss = sum(v for k, v in losses.items() if "loss" in k for v in (v if isinstance(v, list) else [v]))
     loss.backward()
-    # Sparsifiner's connectivity predictor chooses keys through a top-k, which passes no gradient (see its config)
+    # Sparsifiner's connectivity predictor chooses keys through a top-k, which passes no gradient (configs/sparsifiner/README.md)
     grads = [p.grad for n, p in model.backbone.named_parameters() if p.requires_grad and ".mask_predictor." not in n]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
