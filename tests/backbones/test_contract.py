@@ -150,7 +150,7 @@ def test_features_only_equals_forward_intermediates(name):
 def test_prune_intermediate_layers_keeps_the_intermediates(name):
     """timm's features-only surface (its test suite and FeatureGetterNet call it): pruning after the second
     feature level leaves the first two levels' maps as they were."""
-    model = _built(name)
+    model = _model(name)  # a copy: pruned in place
     if not hasattr(model, "prune_intermediate_layers"):
         pytest.skip(f"{name}: timm's {type(model).__name__} has no prune_intermediate_layers to match")
     x = _x(model, _size(model, name))
