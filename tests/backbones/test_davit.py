@@ -103,7 +103,7 @@ def test_pretrained_converts_the_official_msft_layout(offline_hub):
         assert torch.equal(ours.state_dict()[key], value), key
 
 
-@pytest.mark.parametrize("size", [(256, 320), (230, 300)])
+@pytest.mark.parametrize("size", [(256, 320), (230, 300), pytest.param((800, 1333), marks=SLOW)])
 def test_matches_timm_where_the_windows_do_not_tile(size):
     """timm (and the authors) zero-pad the normed tokens before qkv and attend to them; so does the default."""
     ref, ours = _pair("davit_tiny")
