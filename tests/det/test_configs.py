@@ -133,7 +133,8 @@ def test_train_step_and_predict(family):
         <= set(losses)
     loss = sum(v for k, v in losses.items() if "loss" in k for v in (v if isinstance(v, list) else [v]))
     loss.backward()
-    # Sparsifiner's connectivity predictor chooses keys through a top-k, which passes no gradient (configs/sparsifiner/README.md)
+    # Sparsifiner's connectivity predictor chooses keys through a top-k, which passes no gradient
+    # (configs/sparsifiner/README.md)
     grads = [p.grad for n, p in model.backbone.named_parameters() if p.requires_grad and ".mask_predictor." not in n]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
