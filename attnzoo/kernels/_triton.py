@@ -95,3 +95,10 @@ def dot(a, b, FP32: tl.constexpr, acc=None):
     if FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc)
+
+
+@triton.jit
+def load_rows(ptr, rows, cols, R, C, s_row, s_col):
+    """The [len(rows), len(cols)] tile of an [R, C] matrix at ``ptr`` (strides ``s_row``, ``s_col``), 0 outside."""
+    return tl.load(ptr + rows[:, None] * s_row + cols[None, :] * s_col,
+                   mask=(rows < R)[:, None] & (cols < C)[None, :], other=0.0)

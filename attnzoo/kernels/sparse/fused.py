@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import LOG2E, Target, dot, fp32_dot, target_of, unsupported_input
+from .._triton import LOG2E, Target, dot, fp32_dot, load_rows, target_of, unsupported_input
 
 MAX_D = 128
 
@@ -75,13 +75,6 @@ def _kept(bits_ptr, offs_m, offs_n, M, N, W, BLOCK_N: tl.constexpr, KEYS_FIRST: 
 
 
 @triton.jit
-def _load_rows(ptr, offs, offs_d, L, D, s_row, s_d):
-    """The [len(offs), BLOCK_D] rows ``offs`` of an [L, D] matrix, 0 outside."""
-    return tl.load(ptr + offs[:, None] * s_row + offs_d[None, :] * s_d,
-                   mask=(offs < L)[:, None] & (offs_d < D)[None, :], other=0.0)
-
-
-@triton.jit
 def _load_cols(ptr, offs, offs_d, L, D, s_row, s_d):
     """The same rows as a transposed [BLOCK_D, len(offs)] tile."""
     return tl.load(ptr + offs[None, :] * s_row + offs_d[:, None] * s_d,
@@ -101,7 +94,7 @@ def _fwd_kernel(
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_ptr + b * sqb + h * sqh, offs_m, offs_d, M, D, sqm, sqd)
+    q = load_rows(q_ptr + b * sqb + h * sqh, offs_m, offs_d, M, D, sqm, sqd)
     k_ptr += b * skb + h * skh
     v_ptr += b * svb + h * svh
     bits_ptr += bh * M * W
@@ -119,7 +112,7 @@ def _fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = _load_rows(v_ptr, offs_n, offs_d, N, D, svn, svd)
+        v = load_rows(v_ptr, offs_n, offs_d, N, D, svn, svd)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, FP32)
         m_i = m_new
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows past M
@@ -143,8 +136,8 @@ def _bwd_dkdv_kernel(
     h = bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(k_ptr + b * skb + h * skh, offs_n, offs_d, N, D, skn, skd)
-    v = _load_rows(v_ptr + b * svb + h * svh, offs_n, offs_d, N, D, svn, svd)
+    k = load_rows(k_ptr + b * skb + h * skh, offs_n, offs_d, N, D, skn, skd)
+    v = load_rows(v_ptr + b * svb + h * svh, offs_n, offs_d, N, D, svn, svd)
     q_ptr += b * sqb + h * sqh
     do_ptr += b * sdb + h * sdh
     bits_ptr += bh * M * W
@@ -157,7 +150,7 @@ def _bwd_dkdv_kernel(
         lse = tl.load(lse_ptr + bh * M + offs_m, mask=offs_m < M, other=0.0)
         kept_t = _kept(bits_ptr, offs_m, offs_n, M, N, W, BLOCK_N, True)
         pt = tl.where(kept_t, tl.exp2(dot(k, qt, FP32) * qk_scale - lse[None, :]), 0.0)  # Pᵀ [BLOCK_N, BLOCK_M]
-        do = _load_rows(do_ptr, offs_m, offs_d, M, D, sdm, sdd)
+        do = load_rows(do_ptr, offs_m, offs_d, M, D, sdm, sdd)
         dv += dot(pt.to(do.dtype), do, FP32)
         delta = tl.load(delta_ptr + bh * M + offs_m, mask=offs_m < M, other=0.0)
         dst = pt * (dot(v, tl.trans(do), FP32) - delta[None, :])
@@ -182,8 +175,8 @@ def _bwd_dq_kernel(
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_ptr + b * sqb + h * sqh, offs_m, offs_d, M, D, sqm, sqd)
-    do = _load_rows(do_ptr + b * sdb + h * sdh, offs_m, offs_d, M, D, sdm, sdd)
+    q = load_rows(q_ptr + b * sqb + h * sqh, offs_m, offs_d, M, D, sqm, sqd)
+    do = load_rows(do_ptr + b * sdb + h * sdh, offs_m, offs_d, M, D, sdm, sdd)
     lse = tl.load(lse_ptr + bh * M + offs_m, mask=offs_m < M, other=0.0)
     delta = tl.load(delta_ptr + bh * M + offs_m, mask=offs_m < M, other=0.0)
     k_ptr += b * skb + h * skh

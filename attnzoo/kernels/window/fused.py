@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import LOG2E, Target, dot, fp32_dot, target_of, unsupported_input
+from .._triton import LOG2E, Target, dot, fp32_dot, load_rows, target_of, unsupported_input
 
 MAX_D = 128
 # The automatic choice takes the fused kernel up to this window size (MaxViT's 12×12 = 144 at 384 px
@@ -81,13 +81,6 @@ def _slice(ptr, offset, PRESENT: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base, rows, d, N, D, s_n, s_d):
-    """The [rows, D] tile of one (window, head) at `base`, zero outside N × D."""
-    ok = (rows < N)[:, None] & (d < D)[None, :]
-    return tl.load(base + rows[:, None] * s_n + d[None, :] * s_d, mask=ok, other=0.0)
-
-
-@triton.jit
 def _key_ok(mask_base, cols, N, s_mask_n, HAS_MASK: tl.constexpr):
     """Which keys of a block take part: inside the window and, with a mask, kept by it."""
     ok = cols < N
@@ -132,7 +125,7 @@ def _fwd_kernel(
     bh = bh.to(tl.int64)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * s_q_b + h * s_q_h, rows, d, N, D, s_q_n, s_q_d)
+    q = load_rows(Q + b * s_q_b + h * s_q_h, rows, d, N, D, s_q_n, s_q_d)
     k_base = K + b * s_k_b + h * s_k_h
     v_base = V + b * s_v_b + h * s_v_h
     bias_base = _slice(BIAS, (b32 % G).to(tl.int64) * s_bias_g + h * s_bias_h, HAS_BIAS)
@@ -143,8 +136,8 @@ def _fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start in tl.range(0, N, BLOCK_N, disable_licm=True):
         cols = start + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, cols, d, N, D, s_k_n, s_k_d)
-        v = _load_rows(v_base, cols, d, N, D, s_v_n, s_v_d)
+        k = load_rows(k_base, cols, d, N, D, s_k_n, s_k_d)
+        v = load_rows(v_base, cols, d, N, D, s_v_n, s_v_d)
         key_ok = _key_ok(mask_base, cols, N, s_mask_n, HAS_MASK)
         s = _logits(q, k, bias_base, key_ok, rows, cols, N, scale_log2, s_bias_n, s_bias_m, HAS_BIAS, FP32)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -181,8 +174,8 @@ def _bwd_delta_kernel(
     bh = bh.to(tl.int64)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    o = _load_rows(O + b * s_o_b + h * s_o_h, rows, d, N, D, s_o_n, s_o_d)
-    do = _load_rows(DO + b * s_do_b + h * s_do_h, rows, d, N, D, s_do_n, s_do_d)
+    o = load_rows(O + b * s_o_b + h * s_o_h, rows, d, N, D, s_o_n, s_o_d)
+    do = load_rows(DO + b * s_do_b + h * s_do_h, rows, d, N, D, s_do_n, s_do_d)
     tl.store(DELTA + bh * N + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < N)
 
 
@@ -218,15 +211,15 @@ def _bwd_kv_kernel(
         b32 = m * G + j
         b = b32.to(tl.int64)
         bh = b * H + h
-        k = _load_rows(K + b * s_k_b + h * s_k_h, cols, d, N, D, s_k_n, s_k_d)
-        v = _load_rows(V + b * s_v_b + h * s_v_h, cols, d, N, D, s_v_n, s_v_d)
+        k = load_rows(K + b * s_k_b + h * s_k_h, cols, d, N, D, s_k_n, s_k_d)
+        v = load_rows(V + b * s_v_b + h * s_v_h, cols, d, N, D, s_v_n, s_v_d)
         key_ok = _key_ok(_slice(MASK, (b32 % Gm).to(tl.int64) * s_mask_g, HAS_MASK), cols, N, s_mask_n, HAS_MASK)
         dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         for start in tl.range(0, N, BLOCK_M, disable_licm=True):
             rows = start + tl.arange(0, BLOCK_M)
-            q = _load_rows(Q + b * s_q_b + h * s_q_h, rows, d, N, D, s_q_n, s_q_d)
-            do = _load_rows(DO + b * s_do_b + h * s_do_h, rows, d, N, D, s_do_n, s_do_d)
+            q = load_rows(Q + b * s_q_b + h * s_q_h, rows, d, N, D, s_q_n, s_q_d)
+            do = load_rows(DO + b * s_do_b + h * s_do_h, rows, d, N, D, s_do_n, s_do_d)
             lse = tl.load(LSE + bh * N + rows, mask=rows < N, other=float("inf"))
             delta = tl.load(DELTA + bh * N + rows, mask=rows < N, other=0.0)
             s = _logits(q, k, bias_base, key_ok, rows, cols, N, scale_log2, s_bias_n, s_bias_m, HAS_BIAS, FP32)
@@ -276,8 +269,8 @@ def _bwd_q_kernel(
     bh = bh.to(tl.int64)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * s_q_b + h * s_q_h, rows, d, N, D, s_q_n, s_q_d)
-    do = _load_rows(DO + b * s_do_b + h * s_do_h, rows, d, N, D, s_do_n, s_do_d)
+    q = load_rows(Q + b * s_q_b + h * s_q_h, rows, d, N, D, s_q_n, s_q_d)
+    do = load_rows(DO + b * s_do_b + h * s_do_h, rows, d, N, D, s_do_n, s_do_d)
     lse = tl.load(LSE + bh * N + rows, mask=rows < N, other=float("inf"))
     delta = tl.load(DELTA + bh * N + rows, mask=rows < N, other=0.0)
     k_base = K + b * s_k_b + h * s_k_h
@@ -287,8 +280,8 @@ def _bwd_q_kernel(
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start in tl.range(0, N, BLOCK_N, disable_licm=True):
         cols = start + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base, cols, d, N, D, s_k_n, s_k_d)
-        v = _load_rows(v_base, cols, d, N, D, s_v_n, s_v_d)
+        k = load_rows(k_base, cols, d, N, D, s_k_n, s_k_d)
+        v = load_rows(v_base, cols, d, N, D, s_v_n, s_v_d)
         key_ok = _key_ok(mask_base, cols, N, s_mask_n, HAS_MASK)
         s = _logits(q, k, bias_base, key_ok, rows, cols, N, scale_log2, s_bias_n, s_bias_m, HAS_BIAS, FP32)
         p = tl.exp2(s - lse[:, None])
