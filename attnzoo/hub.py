@@ -81,12 +81,13 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike,
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
     own = model.state_dict()
-    if new_head:
+    differs: list[str] = []
+    head = getattr(model, "pretrained_cfg", {}).get("classifier") or ""
+    under = tuple(f"{h}." for h in ([head] if isinstance(head, str) else head) if h)
+    if new_head and under:
         # the classifier may differ (fine-tuning to other classes): every key under it is the model's own
-        head = getattr(model, "pretrained_cfg", {}).get("classifier") or ""
-        under = tuple(f"{h}." for h in ([head] if isinstance(head, str) else head) if h)
-        differs = [k for k in {*own, *state_dict} if k.startswith(under) and
-                   (k not in own or k not in state_dict or own[k].shape != state_dict[k].shape)] if under else []
+        differs = sorted(k for k in {*own, *state_dict} if k.startswith(under) and
+                         (k not in own or k not in state_dict or own[k].shape != state_dict[k].shape))
         if differs:
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(under)}
             state_dict.update((k, v) for k, v in own.items() if k.startswith(under))
@@ -95,7 +96,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike,
         name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
         raise InputError(f"checkpoint {path} does not fit model {name}:{report}")
     model.load_state_dict(state_dict)
-    return sorted(differs) if new_head else []
+    return differs
 
 
 def save_hub_folder(model: torch.nn.Module, folder: str | os.PathLike, *, label_names: list[str] | None = None,
