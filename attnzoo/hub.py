@@ -3,10 +3,13 @@
 A Hub folder is what ``timm.create_model("hf-hub:ORG/NAME")`` and ``timm.create_model("local-dir:PATH")`` load:
 ``config.json`` (architecture, model_args, pretrained_cfg) + ``model.safetensors`` + a ``README.md`` model card.
 Writing it is timm's own ``save_for_hf``; this module adds the checks and messages a command-line user needs,
-and writes the folder atomically (:func:`attnzoo.common.atomic_dir`).
+records the sha256 of ``model.safetensors`` in ``config.json`` (``sha256``, checked by
+:func:`attnzoo.common.verify_hub_folder` whenever attnzoo loads a ``local-dir:``), and writes the folder
+atomically (:func:`attnzoo.common.atomic_dir`).
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import sys
@@ -18,7 +21,7 @@ from safetensors.torch import load_file
 from timm.models._hub import generate_readme, save_for_hf
 
 from .backbones._pretrained import checkpoint_weights, read_training_checkpoint
-from .common import InputError, atomic_dir
+from .common import InputError, atomic_dir, sha256_file
 
 __all__ = ["filter_fn_of", "fit_report", "load_weights", "read_state_dict", "save_hub_folder"]
 
@@ -100,14 +103,23 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike,
 
 
 def save_hub_folder(model: torch.nn.Module, folder: str | os.PathLike, *, label_names: list[str] | None = None,
-                    card: dict | None = None, data_config: dict | None = None, overwrite: bool = False) -> Path:
-    """Write ``model`` in timm's Hub layout (config.json, model.safetensors, README.md), atomically.
+                    card: dict | None = None, data_config: dict | None = None, overwrite: bool = False,
+                    check: Callable[[Path], None] | None = None) -> Path:
+    """Write ``model`` in timm's Hub layout (config.json, model.safetensors, README.md), atomically; config.json's
+    ``sha256`` records the digest of model.safetensors.
 
     ``card`` is timm's model-card dict (``description``, ``details`` such as ``{"Top-1": ...}``, ...).
+    ``check(tmp)`` runs on the complete folder under its temporary name: when it raises, nothing is written (an
+    old ``folder`` stays as it was).
     """
     folder = Path(folder)
     model_config = {"label_names": list(label_names)} if label_names else None
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
+        config = json.loads((tmp / "config.json").read_text())
+        config["sha256"] = {"model.safetensors": sha256_file(tmp / "model.safetensors")}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "README.md").write_text(generate_readme(card or {}, folder.name), encoding="utf-8")
+        if check is not None:
+            check(tmp)
     return folder

@@ -4,15 +4,18 @@ optionally push it to the Hugging Face Hub.
     python tools/publish.py runs/demo --out runs/demo/hub                  # the run's last checkpoint
     python tools/publish.py runs/demo --out runs/demo/hub --ema --repo ORG/NAME
 
-The folder (config.json with the pretrained_cfg and the class names, model.safetensors, README.md with the
-run's measured top-1/top-5) is written atomically, then loaded with
-``timm.create_model("local-dir:OUT", pretrained=True)``; the reloaded model must give the same predictions as
-the checkpoint's, on the run's own val images when they are still there. Afterwards
+The checkpoint's weights must match the sha256 its state.json records. The folder (config.json with the
+pretrained_cfg, the class names and the sha256 of model.safetensors, which is the checkpoint's own file byte for
+byte; model.safetensors; README.md with the run's measured top-1/top-5) is written under a temporary name and
+loaded with ``timm.create_model("local-dir:...", pretrained=True)``; only when the reloaded model gives the same
+predictions as the checkpoint's, on the run's own val images when they are still there, is it renamed to --out
+(with --overwrite, the old folder is replaced atomically). Afterwards
 ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)`` loads the pushed copy.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -24,7 +27,7 @@ import attnzoo  # noqa: F401  (registers attnzoo's models with timm)
 from attnzoo.cli import tool_main
 from attnzoo.common import InputError, check_model_name
 from attnzoo.data import image_folder
-from attnzoo.engine import find_checkpoint, read_state, task_state
+from attnzoo.engine import find_checkpoint, read_state, task_state, verify_checkpoint
 from attnzoo.hub import load_weights, save_hub_folder
 from attnzoo.tasks import get_task
 
@@ -64,6 +67,7 @@ def publish(checkpoint: Path, out: Path, ema: bool = False, overwrite: bool = Fa
     weights = checkpoint / ("ema.safetensors" if ema else "model.safetensors")
     if not weights.is_file():
         raise InputError(f"{weights} does not exist" + (" (the run kept no EMA: --ema-decay 0)" if ema else ""))
+    digest = verify_checkpoint(checkpoint, [weights.name])["sha256"][weights.name]
     model = timm.create_model(check_model_name(args["model"]), num_classes=len(classes), **args["model_args"])
     load_weights(model, weights)
     model.eval()
@@ -83,14 +87,20 @@ def publish(checkpoint: Path, out: Path, ema: bool = False, overwrite: bool = Fa
     }
     data_config = {k: config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
                    if k in config}
-    save_hub_folder(model, out, label_names=classes, card=card, data_config=data_config, overwrite=overwrite)
-
-    reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     x = sample_inputs(args["data"], config)
-    with torch.no_grad():
-        ours, theirs = model(x), reloaded(x)
-    if not torch.equal(ours.argmax(-1), theirs.argmax(-1)) or not torch.allclose(ours, theirs, atol=1e-5):
-        raise RuntimeError(f"{out} reloaded through timm gives different predictions from {weights}")
+
+    def check(folder: Path) -> None:
+        if json.loads((folder / "config.json").read_text())["sha256"]["model.safetensors"] != digest:
+            raise RuntimeError(f"the model.safetensors written for {out} differs from {weights}; nothing written")
+        reloaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        with torch.no_grad():
+            ours, theirs = model(x), reloaded(x)
+        if not torch.equal(ours.argmax(-1), theirs.argmax(-1)) or not torch.allclose(ours, theirs, atol=1e-5):
+            raise RuntimeError(f"{out} reloaded through timm gives different predictions from {weights}; nothing "
+                               "written")
+
+    save_hub_folder(model, out, label_names=classes, card=card, data_config=data_config, overwrite=overwrite,
+                    check=check)
     return out, {"checked_images": len(x), **numbers}
 
 

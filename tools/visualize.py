@@ -5,7 +5,8 @@
 
 Writes ``features/level<i>.png`` (the first 16 channels of each ``features_only`` output, each scaled to its own
 range) and ``attention/call<j>.png`` (for the j-th ``window_attention`` call of the forward pass, the attention
-matrix [query x key] of the first 16 windows, averaged over heads).
+matrix [query x key] of the first 16 windows, averaged over heads), each atomically (the old PNG or the whole
+new one, never an empty file).
 
 The attention maps are recorded generically: every attnzoo module that calls
 :func:`attnzoo.kernels.window_attention` gets, for the duration of one forward, a wrapper that runs the op
@@ -29,7 +30,7 @@ from torchvision.utils import save_image
 
 import attnzoo  # (registers attnzoo's models with timm)
 from attnzoo.cli import tool_main
-from attnzoo.common import InputError, check_model_name
+from attnzoo.common import InputError, atomic_file, check_model_name
 from attnzoo.kernels.window.reference import window_attention_reference
 
 
@@ -95,8 +96,6 @@ def visualize(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
     model = timm.create_model(name, pretrained=pretrained, **args.model_args).eval()
     x = load_image(args.image, model, args.img_size)
     out = Path(args.out)
-    (out / "features").mkdir(parents=True, exist_ok=True)
-    (out / "attention").mkdir(exist_ok=True)
     torch.manual_seed(0)
     features = timm.create_model(name, pretrained=pretrained, features_only=True, **args.model_args).eval()
     feature_pngs, attention_pngs = [], []
@@ -105,12 +104,18 @@ def visualize(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
             channels = fmap[0, :16, None]  # [16, 1, h, w]
             channels = torch.nn.functional.interpolate(channels, size=x.shape[-2:], mode="nearest")
             feature_pngs.append(out / "features" / f"level{i}.png")
-            save_image(channels, feature_pngs[-1], nrow=4, normalize=True, scale_each=True, padding=2)
+            _save_png(channels, feature_pngs[-1])
     for j, attn in enumerate(maps):
         attention_pngs.append(out / "attention" / f"call{j:02d}.png")
         windows = attn[:16].mean(1, keepdim=True)  # [windows, 1, N, N], heads averaged
-        save_image(windows, attention_pngs[-1], nrow=4, normalize=True, scale_each=True, padding=2)
+        _save_png(windows, attention_pngs[-1])
     return feature_pngs, attention_pngs
+
+
+def _save_png(images: torch.Tensor, path: Path) -> None:
+    """``images`` [n, 1, h, w] as one grid PNG of 4 columns, each scaled to its own range; written atomically."""
+    with atomic_file(path, "wb") as f:
+        save_image(images, f, format="png", nrow=4, normalize=True, scale_each=True, padding=2)
 
 
 def main(argv: list[str] | None = None) -> int:

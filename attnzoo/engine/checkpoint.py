@@ -7,25 +7,33 @@
 states), ``metrics`` (the last epoch's row) and, under the key named by ``args["task"]``, the task's own state
 (:meth:`attnzoo.tasks.Task.state`). ``OUTPUT/checkpoints/last.json`` names the newest complete checkpoint.
 
+``state.json`` also records the sha256 of each tensor file (``sha256``: file name -> hex digest), checked on
+resume and publish (:func:`verify_checkpoint`).
+
 Each checkpoint folder is written through :func:`attnzoo.common.atomic_dir` (files and folders fsynced, then
 renamed in) and ``last.json`` is replaced only after it, so a run killed at any moment resumes from a
-complete checkpoint. Nothing is pickled.
+complete checkpoint. The checkpoint before the newest is kept too: a resume whose newest checkpoint fails its
+digests falls back to it (:func:`resume_checkpoint`). Only the run holding the output folder's lock
+(:func:`attnzoo.engine.run.output_lock`) writes there. Nothing is pickled.
 """
 from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..common import InputError, atomic_dir, atomic_write
+from ..common import InputError, atomic_dir, atomic_write, sha256_file
 
 __all__ = ["find_checkpoint", "join_optimizer_state", "last_checkpoint", "read_state", "read_tensors",
-           "rng_state", "set_rng_state", "split_optimizer_state", "task_state", "write_checkpoint"]
+           "resume_checkpoint", "rng_state", "set_rng_state", "split_optimizer_state", "task_state",
+           "verify_checkpoint", "write_checkpoint"]
 
 _POINTER = "last.json"
 
@@ -73,26 +81,53 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
+def _step(folder: Path) -> int:
+    return int(folder.name[len("step-"):])
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    """The ``step-N`` folders of ``root`` (never temporary ones), newest first."""
+    return sorted((p for p in root.glob("step-*") if p.name[len("step-"):].isdigit()), key=_step, reverse=True)
+
+
 def write_checkpoint(output: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict) -> Path:
-    """Write ``checkpoints/step-<step>/`` (``<name>.safetensors`` for each entry of ``tensors``, ``state.json``),
-    point ``last.json`` at it, then delete the older checkpoints; returns the new folder."""
+    """Write ``checkpoints/step-<step>/`` (``<name>.safetensors`` for each entry of ``tensors``, ``state.json``
+    with their digests), point ``last.json`` at it, then delete the checkpoints older than the one ``last.json``
+    named before; returns the new folder."""
     root = output / "checkpoints"
     name = f"step-{step:08d}"
+    previous = _pointer(root)
     with atomic_dir(root / name, overwrite=True) as tmp:
+        digests = {}
         for file, values in tensors.items():
             save_file(values, str(tmp / f"{file}.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            digests[f"{file}.safetensors"] = sha256_file(tmp / f"{file}.safetensors")
+        (tmp / "state.json").write_text(json.dumps({**state, "sha256": digests}, indent=1))
     atomic_write(root / _POINTER, json.dumps({"checkpoint": name, "step": step}))
-    for old in root.glob("step-*"):
-        if old.name != name:
+    for old in _checkpoints(root):
+        if old.name not in (name, previous):
             shutil.rmtree(old)
     return root / name
 
 
+def _pointer(root: Path) -> str | None:
+    """The checkpoint name ``root/last.json`` holds, None without one; an InputError when it is unreadable."""
+    pointer = root / _POINTER
+    if not pointer.is_file():
+        return None
+    try:
+        name = json.loads(pointer.read_text())["checkpoint"]
+    except (ValueError, KeyError, TypeError) as e:  # bad JSON, bad UTF-8, no "checkpoint"
+        raise InputError(f"{pointer} is corrupt ({type(e).__name__}: {e})") from None
+    if not isinstance(name, str) or not re.fullmatch(r"step-\d+", name):
+        raise InputError(f"{pointer} is corrupt (checkpoint {name!r} is not a folder name)")
+    return name
+
+
 def last_checkpoint(output: Path) -> Path | None:
     """The checkpoint ``output/checkpoints/last.json`` names, None when there is none."""
-    pointer = output / "checkpoints" / _POINTER
-    return output / "checkpoints" / json.loads(pointer.read_text())["checkpoint"] if pointer.is_file() else None
+    name = _pointer(output / "checkpoints")
+    return None if name is None else output / "checkpoints" / name
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -107,8 +142,65 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def read_state(folder: Path) -> dict:
-    """The ``state.json`` of checkpoint ``folder``."""
-    return json.loads((folder / "state.json").read_text())
+    """The ``state.json`` of checkpoint ``folder``; an InputError naming it when it is missing or corrupt."""
+    path = folder / "state.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"checkpoint {folder} has no state.json") from None
+    except ValueError as e:  # bad JSON or bad UTF-8
+        raise InputError(f"{path} is corrupt ({type(e).__name__}: {e})") from None
+
+
+def verify_checkpoint(folder: Path, files: Iterable[str] | None = None) -> dict:
+    """The state of checkpoint ``folder`` once ``files`` (default: every tensor file it records) match the
+    sha256 digests in its ``state.json``; an InputError naming the first file that does not."""
+    state = read_state(folder)
+    digests = state.get("sha256")
+    if not isinstance(digests, dict):
+        raise InputError(f"{folder / 'state.json'} records no sha256 digests of the tensor files (written by an "
+                         "older attnzoo: its files cannot be checked)")
+    for file in digests if files is None else files:
+        path = folder / file
+        if file not in digests:
+            raise InputError(f"{folder / 'state.json'} records no sha256 digest for {file}")
+        if not path.is_file():
+            raise InputError(f"{path} is missing")
+        actual = sha256_file(path)
+        if actual != digests[file]:
+            raise InputError(f"{path} is corrupt: its sha256 is {actual}, {folder / 'state.json'} records "
+                             f"{digests[file]}")
+    return state
+
+
+def resume_checkpoint(output: Path, warn: Callable[[str], None], main: bool = True) -> Path | None:
+    """The newest intact checkpoint of run folder ``output`` (None without any): the one ``last.json`` names,
+    else (``warn`` says why) the newest older one whose digests match, which ``last.json`` then names (written by
+    the ``main`` process only). An InputError when none is intact."""
+    root = output / "checkpoints"
+    try:
+        name = _pointer(root)
+    except InputError as e:
+        warn(f"warning: {e}; looking for the newest intact checkpoint")
+        name = ""
+    candidates = _checkpoints(root)
+    if name is None:
+        return None
+    if name:
+        candidates = [root / name, *(c for c in candidates if _step(c) < _step(root / name))]
+    problems = []
+    for folder in candidates:
+        try:
+            verify_checkpoint(folder)
+        except InputError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            warn(f"warning: {problems[0]}; resuming from the previous intact checkpoint {folder.name} instead")
+        if folder.name != name and main:
+            atomic_write(root / _POINTER, json.dumps({"checkpoint": folder.name, "step": _step(folder)}))
+        return folder
+    raise InputError(f"no intact checkpoint in {root} to resume from: " + ("; ".join(problems) or "none there"))
 
 
 def read_tensors(folder: Path, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

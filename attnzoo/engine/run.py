@@ -1,19 +1,78 @@
-"""The training process's context: its place in the process group, its device and its autocast dtype."""
+"""The training process's context: its place in the process group, its device and its autocast dtype; and the
+lock that gives one run at a time its output folder."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 
-from ..common import InputError
+from ..common import InputError, recover
 
-__all__ = ["AMP_CHOICES", "Run"]
+__all__ = ["AMP_CHOICES", "LOCK_FILE", "Run", "output_lock"]
 
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+LOCK_FILE = ".lock"
+
+
+def _holder(fd: int) -> str:
+    """The pid the holder of lock file ``fd`` wrote (it writes it just after locking: wait a moment for it)."""
+    for _ in range(20):
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if pid:
+            return pid
+        time.sleep(0.05)
+    return "unknown"
+
+
+@contextlib.contextmanager
+def output_lock(output: str | os.PathLike, log=print) -> Iterator[None]:
+    """Hold ``output`` for this run: an exclusive ``flock`` on ``output/.lock`` (holding the pid), which the
+    kernel drops when the process dies, even by kill -9. An :class:`InputError` naming the holder's pid when
+    another run holds it. Once held, what killed writers left there is finished or rolled back
+    (:func:`attnzoo.common.recover`, ``log`` says what). Only rank 0 (``RANK``) locks: the other ranks of a
+    torchrun write nothing. An output folder this call created is removed again if the run left it empty.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    output = Path(output)
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise InputError(f"--output {output} is in use by another run (pid {holder}, which holds {path}): wait "
+                             "for it to end or choose another --output") from None
+        # the file a releasing run unlinked is no lock any more: lock the one at the path now
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        for folder in (output, output / "checkpoints"):
+            for line in recover(folder):
+                log(f"{folder}: {line}")
+        yield
+    finally:
+        os.unlink(path)  # before closing: whoever opened it meanwhile sees it is gone and retries
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                output.rmdir()  # only when empty
 
 
 class Run:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -32,13 +33,14 @@ from .checkpoint import (
     last_checkpoint,
     read_state,
     read_tensors,
+    resume_checkpoint,
     rng_state,
     set_rng_state,
     split_optimizer_state,
     write_checkpoint,
 )
 from .log import Log
-from .run import Run
+from .run import Run, output_lock
 from .sampler import EpochSampler, SeededSamples
 
 __all__ = ["RESUME_OVERRIDES", "Trainer", "batch_size", "build_loaders", "resolve_resume", "to_device", "train"]
@@ -235,12 +237,14 @@ def resolve_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, Path |
     """The options a run goes with, and the checkpoint it resumes from: with ``--resume``, the checkpoint's
     options except :data:`RESUME_OVERRIDES`; without, an :class:`InputError` if ``--output`` holds a run."""
     output = Path(args.output)
-    checkpoint = last_checkpoint(output)
     if args.resume:
+        main = int(os.environ.get("RANK", "0")) == 0
+        checkpoint = resume_checkpoint(output, print if main else lambda _: None, main)
         if checkpoint is None:
             raise InputError(f"--resume: no checkpoint in {output}/checkpoints to resume from")
         saved = read_state(checkpoint)["args"]
         return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESUME_OVERRIDES}}), checkpoint
+    checkpoint = last_checkpoint(output)
     if checkpoint is not None:
         raise InputError(f"{output} already holds a run (checkpoint {checkpoint.name}); pass --resume to "
                          "continue it or choose another --output")
@@ -249,7 +253,13 @@ def resolve_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, Path |
 
 def train(args: argparse.Namespace) -> Path | None:
     """Train (or, with ``--resume``, continue) the run ``args`` describe; returns its last checkpoint. The
-    caller leaves the process group (:meth:`Run.close`) whatever happens."""
+    caller leaves the process group (:meth:`Run.close`) whatever happens. The run holds ``--output``'s lock
+    throughout (:func:`~attnzoo.engine.run.output_lock`): one run at a time writes there."""
+    with output_lock(args.output):
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> Path | None:
     args, checkpoint = resolve_resume(args)
     run = Run(args.amp)
     trainer = Trainer(run, args)
