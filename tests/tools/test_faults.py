@@ -233,6 +233,28 @@ def test_the_hub_folder_records_the_checkpoints_digest_and_is_checked(runs, hubs
     assert f"{hub / 'model.safetensors'} is corrupt" in capsys.readouterr().err
 
 
+def test_a_publish_that_fails_its_reload_check_writes_nothing(runs, hubs, tmp_path, monkeypatch):
+    """The check runs on the folder before it is renamed to --out: a failure leaves no folder, or the old one."""
+    create = timm.create_model
+
+    def reloaded_wrong(name, **kwargs):
+        model = create(name, **kwargs)
+        if name.startswith("local-dir:"):
+            with torch.no_grad():
+                model.get_classifier().bias.add_(torch.arange(5.0))
+        return model
+
+    monkeypatch.setattr(publish.timm, "create_model", reloaded_wrong)
+    hub = tmp_path / "hub"
+    with pytest.raises(RuntimeError, match="different predictions"):
+        publish.main([str(runs["step2"]), "--out", str(hub)])
+    assert os.listdir(tmp_path) == []
+    shutil.copytree(hubs["old"], hub)
+    with pytest.raises(RuntimeError, match="different predictions"):
+        publish.main([str(runs["step2"]), "--out", str(hub), "--overwrite"])
+    assert digest(hub) == digest(hubs["old"]) and os.listdir(tmp_path) == ["hub"]
+
+
 def replaced_whole(folder: Path, old: Path, new: Path) -> str:
     """Which of ``old``/``new`` the Hub folder ``folder`` holds once what a killed writer left is recovered (the
     next writer or reader does that), checking its digests."""
