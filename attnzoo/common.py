@@ -105,6 +105,32 @@ def verify_hub_folder(folder: str | os.PathLike) -> None:
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<token>[a-z0-9_]{8})\.(?P<kind>tmp|old)$")
 
 
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OSError raised in the block that names no file names ``path``; so does safetensors' error for a failed
+    write, which carries only the OS's message ("... (os error 28)"): it becomes that OSError."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if type(e).__name__ != "SafetensorError" or code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e
+
+
+def _named(path: Path, make, **kwargs):
+    """``make(**kwargs)`` (tempfile's), whose OSError names ``path`` rather than the temporary name it tried."""
+    try:
+        return make(**kwargs)
+    except OSError as e:
+        e.filename = str(path)
+        raise
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make the entries of folder ``path`` (a rename into it, a new file) durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -122,7 +148,7 @@ def _abandoned(path: Path) -> bool:
     """Whether no living process writes the temporary file or folder ``path`` (its writer holds a flock)."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:  # renamed or deleted meanwhile: its writer is at work
+    except OSError:  # renamed or deleted meanwhile (its writer is at work), or not ours to open
         return False
     try:
         _lock(fd)
@@ -188,10 +214,10 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iter
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path.parent, path.name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _named(path, tempfile.mkstemp, prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         _lock(fd)
-        with os.fdopen(fd, mode, **open_kwargs) as f:
+        with _naming(path), os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -237,12 +263,13 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     recover(path.parent, path.name)
     if path.exists() and not overwrite and any(path.iterdir()):
         raise InputError(f"output folder {path} exists and is not empty")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(_named(path, tempfile.mkdtemp, prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     held = os.open(tmp, os.O_RDONLY)  # the lock stays on the folder through its renames
     aside = None
     try:
         _lock(held)
-        yield tmp
+        with _naming(path):
+            yield tmp
         fsync_tree(tmp)
         if path.exists():
             aside = tmp.with_suffix(".old")

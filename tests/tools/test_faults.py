@@ -344,15 +344,15 @@ def test_kill_during_eval_out_leaves_the_old_result_or_the_new(runs, hubs, drive
 
 
 def _said(err: str, *words: str) -> bool:
-    """The last line of stderr, where a tool says why it stopped, names the problem."""
+    """The last line of stderr, where a tool says why it stopped, names the problem and the folder."""
     last = err.strip().splitlines()[-1] if err.strip() else ""
     return all(w in last for w in words)
 
 
 def test_a_full_disk_or_a_read_only_folder_fails_cleanly_and_truncates_nothing(runs, hubs, drive, tmp_path):
     """ENOSPC past a byte budget, and EROFS, in train's checkpoint write, publish --overwrite and eval --out:
-    exit 1 naming the problem; the previous checkpoint, Hub folder and result file are intact, no temporary
-    file is left."""
+    exit 1 naming the problem and where; the previous checkpoint, Hub folder and result file are intact, no
+    temporary file is left."""
     data, checkpoint = runs["data"], last_checkpoint(runs["step2"])
     cases = []  # (job, what the stderr's last line says, the check that nothing was lost)
     for name, fault, said in (("full", {"space": 4000}, "No space left on device"),
@@ -372,5 +372,5 @@ def test_a_full_disk_or_a_read_only_folder_fails_cleanly_and_truncates_nothing(r
                        "dir": out.parent, **({"space": 10} if name == "full" else fault)}, said,
                       lambda out=out: out.read_text() == '{"previous": "result"}' and leftovers(out.parent) == []))
     for (job, said, intact), (status, _, err, _) in zip(cases, drive(*(job for job, _, _ in cases)), strict=True):
-        assert status == 1 and _said(err, said), (job["tool"], job["dir"], err[-2000:])
+        assert status == 1 and _said(err, said, job["dir"]), (job["tool"], job["dir"], err[-2000:])
         assert intact(), (job["tool"], job["dir"])
