@@ -8,7 +8,9 @@ a detector/segmentor from an mmdetection config (a ``.py`` path as the first arg
     python tools/train.py configs/davit/retinanet_davit-t_fpn_1x_coco.py --output runs/det
 
 The engine (``attnzoo.engine``) trains: timm's optimizer, cosine schedule with warm-up and EMA, with DDP, AMP,
-gradient accumulation, atomic safetensors checkpoints (``--output``/checkpoints) and exact resumption. The task
+gradient accumulation, atomic safetensors checkpoints (``--output``/checkpoints, the last two kept, each file's
+sha256 checked on resume, which falls back to the previous one) and exact resumption; one run at a time holds
+``--output`` (a second one exits naming the first one's pid). The task
 (``attnzoo.tasks``) supplies the model, the data, the loss and the metrics; only the one named by ``--task`` is
 imported. A config hands the run to mmengine's Runner (``attnzoo.det.runner``), with the same ``--output`` and
 ``--resume`` behaviour.
