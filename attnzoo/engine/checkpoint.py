@@ -92,8 +92,8 @@ def _checkpoints(root: Path) -> list[Path]:
 
 def write_checkpoint(output: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict) -> Path:
     """Write ``checkpoints/step-<step>/`` (``<name>.safetensors`` for each entry of ``tensors``, ``state.json``
-    with their digests), point ``last.json`` at it, then delete the checkpoints older than the one ``last.json``
-    named before; returns the new folder."""
+    with their digests), point ``last.json`` at it, then delete every other checkpoint but the one ``last.json``
+    named before (the fallback of :func:`resume_checkpoint`); returns the new folder."""
     root = output / "checkpoints"
     name = f"step-{step:08d}"
     previous = _pointer(root)
