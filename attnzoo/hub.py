@@ -29,10 +29,15 @@ __all__ = ["filter_fn_of", "fit_report", "load_weights", "read_state_dict", "sav
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file, or of a ``.pth``/``.pt``/``.bin`` file loaded with
     ``weights_only=True``: a bare state_dict, or the weights inside a training checkpoint, its EMA entry when the
-    file's name ends in ``ema`` (:func:`attnzoo.backbones._pretrained.checkpoint_weights`)."""
+    file's name ends in ``ema`` (:func:`attnzoo.backbones._pretrained.checkpoint_weights`). A tensor file of a
+    checkpoint of tools/train.py (beside its state.json) must match the sha256 recorded there."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors" and (path.parent / "state.json").is_file():
+        from .engine.checkpoint import verify_checkpoint
+
+        verify_checkpoint(path.parent, [path.name])
     if path.suffix == ".safetensors":
         return load_file(path)
     try:

@@ -11,8 +11,8 @@ The engine (``attnzoo.engine``) trains: timm's optimizer, cosine schedule with w
 gradient accumulation, atomic safetensors checkpoints (``--output``/checkpoints, the last two kept, each file's
 sha256 checked on resume, which falls back to the previous one) and exact resumption; one run at a time holds
 ``--output`` (a second one exits naming the first one's pid). The task (``attnzoo.tasks``) supplies the model,
-the data, the loss and the metrics; only the one named by ``--task`` is imported. A config hands the run to mmengine's Runner (``attnzoo.det.runner``), with the same ``--output`` and
-``--resume`` behaviour.
+the data, the loss and the metrics; only the one named by ``--task`` is imported. A config hands the run to
+mmengine's Runner (``attnzoo.det.runner``), with the same ``--output`` and ``--resume`` behaviour.
 """
 from __future__ import annotations
 

@@ -188,8 +188,8 @@ def test_kill_at_each_operation_of_a_checkpoint_write_loses_nothing(runs, drive,
 
 
 def test_a_corrupt_checkpoint_is_named_and_resume_falls_back(runs, tmp_path, capsys):
-    """A flipped bit in the newest checkpoint: publish names the file (exit 2); resume warns, naming it, and
-    continues from the previous checkpoint to the same weights."""
+    """A flipped bit in the newest checkpoint: publish and eval name the file (exit 2); resume warns, naming it,
+    and continues from the previous checkpoint to the same weights."""
     run = tmp_path / "run"
     shutil.copytree(runs["step2"], run)
     newest = last_checkpoint(run)
@@ -197,6 +197,9 @@ def test_a_corrupt_checkpoint_is_named_and_resume_falls_back(runs, tmp_path, cap
     assert publish.main([str(run), "--out", str(tmp_path / "hub")]) == 2
     err = capsys.readouterr().err
     assert f"{newest / 'model.safetensors'} is corrupt" in err and not (tmp_path / "hub").exists()
+    assert evaluate.main(["davit_tiny", str(runs["data"]), "--model-args", TINY_DAVIT[3], "--checkpoint",
+                          str(newest / "model.safetensors"), "--workers", "0"]) == 2
+    assert f"{newest / 'model.safetensors'} is corrupt" in capsys.readouterr().err
     assert train.main([str(runs["data"]), "--output", str(run), "--resume", "--max-steps", "2", "--workers",
                        "0"]) == 0
     out = capsys.readouterr().out
