@@ -44,10 +44,13 @@ def output_lock(output: str | os.PathLike, log=print) -> Iterator[None]:
         return
     output = Path(output)
     created = not output.exists()
-    output.mkdir(parents=True, exist_ok=True)
     path = output / LOCK_FILE
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        output.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # a run that left the folder empty removed it meanwhile
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
