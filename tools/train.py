@@ -108,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--workers", type=int, default=4,
                    help="data loading processes per training process (spawned once: persistent)")
     r.add_argument("--prefetch-factor", type=int, default=2, help="batches each worker loads ahead")
+    r.add_argument("--log-interval", type=int, default=50, metavar="STEPS",
+                   help="print (and log to TensorBoard) loss, lr, images/s and the share of time waiting for data "
+                        "every STEPS optimizer steps (0: off)")
     r.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also checkpoint every STEPS optimizer steps (always at the end of each epoch)")
     get_task(task).add_arguments(p)

@@ -37,7 +37,7 @@ from .checkpoint import (
     split_optimizer_state,
     write_checkpoint,
 )
-from .log import Log
+from .log import Log, Throughput
 from .run import Run
 from .sampler import EpochSampler, SeededSamples
 
@@ -45,7 +45,7 @@ __all__ = ["RESUME_OVERRIDES", "SCHEDULES", "Trainer", "batch_size", "build_load
            "speed_switches", "to_device", "train"]
 
 # options that a resumed run may change; every other one is taken from the checkpoint
-RESUME_OVERRIDES = ("data", "output", "resume", "max_steps", "workers", "prefetch_factor")
+RESUME_OVERRIDES = ("data", "output", "resume", "max_steps", "workers", "prefetch_factor", "log_interval")
 # timm's fixed schedules (create_scheduler_v2); its plateau scheduler is left out: timm deprecates it because its
 # metric-driven state is not checkpointed, so a resumed run could not be exact
 SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant")
@@ -211,9 +211,11 @@ class Trainer:
             loss_sum, seen, started = 0.0, 0, time.perf_counter()
             bar = tqdm(self.train_loader, total=self.batches, initial=first, disable=not run.main,
                        desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True, leave=False)
-            for i, batch in enumerate(bar, start=first):
+            epoch_meter, meter = Throughput(), Throughput()  # the epoch's, the log interval's
+            for i, batch in enumerate(epoch_meter.timed(meter.timed(bar)), start=first):
                 batch = to_device(batch, run.device, args.channels_last)
                 n = batch_size(batch)
+                meter.images, epoch_meter.images = meter.images + n, epoch_meter.images + n
                 group_start = i - i % args.accum_steps
                 group_end = min(group_start + args.accum_steps, self.batches)
                 update = i + 1 == group_end
@@ -234,8 +236,15 @@ class Trainer:
                 self.scheduler.step_update(self.step)
                 if self.ema is not None:
                     self.ema.update(self.model, step=self.step)
-                per_s = seen * run.world / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{self._lr():.2e}", img_s=f"{per_s:.1f}")
+                speed = meter.report(run.world)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{self._lr():.2e}",
+                                img_s=f"{speed['img_per_s']:.1f}", data_wait=f"{speed['data_wait']:.0%}")
+                if args.log_interval and self.step % args.log_interval == 0:  # the loader or the model the limit?
+                    log.scalars(self.step, {"train_loss": loss_sum / seen, "lr": self._lr(), **speed})
+                    if run.main:
+                        bar.write(f"step {self.step} loss {loss_sum / seen:.4g} lr {self._lr():.3g} "
+                                  f"img/s {speed['img_per_s']:.1f} data_wait {speed['data_wait']:.0%}")
+                    meter.reset()
                 if i + 1 == self.batches or self.step == total_steps:
                     break
                 if args.checkpoint_every and self.step % args.checkpoint_every == 0:
@@ -244,12 +253,12 @@ class Trainer:
             if i + 1 < self.batches:  # stopped by --max-steps inside the epoch
                 self.save(epoch, i + 1)
                 break
-            elapsed = time.perf_counter() - started
+            elapsed, speed = time.perf_counter() - started, epoch_meter.report(run.world)
             self.model.eval()
             val = self.task.evaluate(self.model, self.val_loader)
             row = {"epoch": epoch + 1, "step": self.step, "lr": self._lr(),
                    "train_loss": run.all_sum([loss_sum])[0] / (seen * run.world), **val,
-                   "img_per_s": seen * run.world / elapsed, "seconds": elapsed}
+                   **speed, "seconds": elapsed}
             if self.ema is not None:
                 self.ema.module.eval()
                 row.update({f"ema_{k}": v for k, v in self.task.evaluate(self.ema.module, self.val_loader).items()
