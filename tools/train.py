@@ -1,9 +1,13 @@
 """Train a model: an image classifier (any model timm can build, attnzoo's included) on an ImageNet-style
-folder (``DATA/train/<class>/*``, ``DATA/val/<class>/*``), a task head (``--task``, see ``attnzoo.tasks``), or
-a detector/segmentor from an mmdetection config (a ``.py`` path as the first argument).
+folder (``DATA/train/<class>/*``, ``DATA/val/<class>/*``), WebDataset shards or a Hugging Face dataset, a task
+head (``--task``, see ``attnzoo.tasks``), or a detector/segmentor from an mmdetection config (a ``.py`` path as
+the first argument).
 
     python tools/train.py DATA --model davit_tiny --pretrained --epochs 30 --output runs/davit
     torchrun --nproc_per_node=4 tools/train.py DATA --model maxvit_tiny_tf_224 --batch-size 64
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=RUN \
+        tools/train.py DATA --output /shared/runs/davit          # on each node; --output on shared storage
+    python tools/train.py hfds/ILSVRC/imagenet-1k --model davit_tiny     # a Hugging Face dataset (the data extra)
     python tools/train.py DATA --output runs/davit --resume      # continue from the last checkpoint
     python tools/train.py DATA --config configs/imagenet/davit.yaml --epochs 100   # a paper's recipe
     python tools/train.py configs/davit/retinanet_davit-t_fpn_1x_coco.py --output runs/det
@@ -61,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     config_file, config, task = _pre_parse(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("data", help="the task's data (classification: an ImageNet-style folder with train/ and val/, "
-                                "one sub-folder per class)")
+                                "one sub-folder per class; a folder of WebDataset shards in timm's layout, with "
+                                "_info.json; hfds/NAME, a Hugging Face dataset; a parquet or save_to_disk folder)")
     p.add_argument("--task", default="classification", choices=sorted(TASKS),
                    help="what to train (default: classification); `--task NAME --help` lists its options")
     p.add_argument("--config", metavar="FILE",

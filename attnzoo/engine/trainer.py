@@ -1,5 +1,7 @@
-"""The training loop: a :class:`attnzoo.tasks.Task` trained with timm's optimizer, cosine schedule and EMA,
-under DDP and AMP, with gradient accumulation, periodic checkpoints and exact resumption.
+"""The training loop: a :class:`attnzoo.tasks.Task` trained with timm's optimizer (layer-wise lr decay),
+schedules and EMA, under DDP and AMP, with timm's speed switches (torch.compile, channels-last, gradient
+checkpointing, SyncBatchNorm), gradient accumulation, persistent loader workers, periodic checkpoints, exact
+resumption and the throughput in the log (images/s, the share of time waiting for data).
 
 Resuming is exact: the data order is a function of (seed, epoch) (:class:`~attnzoo.engine.sampler.EpochSampler`),
 each sample's augmentation draws from a generator seeded by (seed, epoch, index)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from attnzoo.common import InputError
 from attnzoo.data import image_folder
 from attnzoo.data.shards import wds_dataset
 
@@ -154,6 +155,8 @@ def test_hfds_hub_dataset_from_the_offline_cache(shapes, tmp_path, monkeypatch):
     assert y == label and np.array_equal(np.asarray(img), np.asarray(Image.open(path).convert("RGB")))
     # a parquet folder as downloaded reads the same
     assert len(hf_dataset(parquet, "val")) == 10
+    with pytest.raises(InputError, match="no Hugging Face dataset 'attnzoo/absent' in the local cache"):
+        hf_dataset("hfds/attnzoo/absent", "train")
 
 
 def test_hf_data_without_the_extra_names_it(tmp_path, monkeypatch, capsys):
