@@ -36,13 +36,20 @@ CASES = {
     "sched=step": (TINY_DAVIT, lambda t: type(t.scheduler).__name__ == "StepLRScheduler"),
     "sched=multistep": (TINY_DAVIT, lambda t: type(t.scheduler).__name__ == "MultiStepLRScheduler"),
     "compile": (TINY_DAVIT, lambda t: isinstance(t.net, torch._dynamo.eval_frame.OptimizedModule)),
+    "compile+channels-last+grad-checkpointing": (BYOB, lambda t: isinstance(
+        t.net, torch._dynamo.eval_frame.OptimizedModule) and t.model.grad_checkpointing and all(
+        p.is_contiguous(memory_format=torch.channels_last) for p in t.model.parameters() if p.ndim == 4)),
 }
+SLOW = ("compile", "compile+channels-last+grad-checkpointing")  # torch.compile on the CPU: minutes
 EXTRA = {"sched=step": ["--decay-epochs", "0.2"], "sched=multistep": ["--decay-milestones", "0"]}
 
 
 def _flags(case: str) -> list[str]:
-    flag, _, value = case.partition("=")
-    return [f"--{flag}", *([value] if value else []), *EXTRA.get(case, [])]
+    flags = []
+    for switch in case.split("+"):
+        flag, _, value = switch.partition("=")
+        flags += [f"--{flag}", *([value] if value else [])]
+    return [*flags, *EXTRA.get(case, [])]
 
 
 def _state(out: Path) -> tuple[dict, dict]:
@@ -52,7 +59,7 @@ def _state(out: Path) -> tuple[dict, dict]:
     return tensors, {k: state[k] for k in ("step", "epoch", "batch", "optimizer", "scheduler")}
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "compile" else c for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
 def test_switch_trains_two_steps_and_resumes(case, shapes, tmp_path):
     model, check = CASES[case]
     common = [str(shapes), *model, *FAST, "--epochs", "2", "--drop-path", "0.1", *_flags(case)]
