@@ -34,6 +34,7 @@ INFO = "_info.json"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # attnzoo's split names and the names a wds _info.json may give them (timm's ImageNet shards say "validation")
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation")}
+MAX_OPEN = 64  # shard files a process keeps open (the soft limit on descriptors is often 1024)
 
 
 def is_wds(root: str | os.PathLike) -> bool:
@@ -135,9 +136,15 @@ class WdsReader(Reader):
         return index
 
     def _fd(self, shard: int) -> int:
+        """An open descriptor of ``shard``: at most :data:`MAX_OPEN` per process, the least recently used closed
+        (a random order touches every shard, and each loader worker holds its own)."""
         if self._pid != os.getpid():
             self._fds, self._pid = {}, os.getpid()
-        if shard not in self._fds:
+        if shard in self._fds:
+            self._fds[shard] = self._fds.pop(shard)  # now the most recently used
+        else:
+            if len(self._fds) >= MAX_OPEN:
+                os.close(self._fds.pop(next(iter(self._fds))))
             self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
         return self._fds[shard]
 

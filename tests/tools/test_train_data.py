@@ -79,6 +79,18 @@ def test_wds_reader_gives_the_folders_images_and_labels(shapes, tmp_path, cache)
     assert len(wds_dataset(shards, "val")) == 10  # "val" is the layout's "validation"
 
 
+def test_wds_reader_keeps_few_shards_open(shapes, tmp_path, cache, monkeypatch):
+    import attnzoo.data.shards as shards_module
+
+    monkeypatch.setattr(shards_module, "MAX_OPEN", 2)
+    reader = wds_dataset(write_wds(shapes, tmp_path / "wds", per_shard=3), "train").reader
+    expected = [reader[i][0].read() for i in range(len(reader))]  # 7 shards, in order
+    assert len(reader._fds) == 2
+    order = [19, 0, 10, 3, 19, 5, 12, 0]
+    assert [reader[i][0].read() for i in order] == [expected[i] for i in order]
+    assert len(reader._fds) == 2 and list(reader._fds) == [reader.shard[12], reader.shard[0]]
+
+
 def test_wds_shard_lengths_are_checked(shapes, tmp_path, cache, capsys):
     shards = write_wds(shapes, tmp_path / "wds")
     info = json.loads((shards / "_info.json").read_text())
