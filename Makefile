@@ -16,7 +16,7 @@ $(PY):
 
 # Re-runs only when the dependency lists change, so a second `make test` installs nothing.
 $(STAMP): pyproject.toml constraints.txt | $(PY)
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,det,tools]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,det,tools,data]"
 	@# the det extra brings mmcv-lite back: where `make mmcv-full` ran, put the full build back (pip's wheel cache)
 	if [ -f $(MMCV_FULL) ]; then $(MAKE) --no-print-directory mmcv-full-install; fi
 	touch $@

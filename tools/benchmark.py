@@ -4,7 +4,8 @@ Ops, on the shapes of the models that use them (captured from a forward of each 
 op ("ours": the fused Triton kernel on CUDA, the best PyTorch path elsewhere) against other ways of computing
 the same thing, forward and forward+backward. Sparse attention at several keep rates against dense
 ``F.scaled_dot_product_attention`` (how its time falls with the keep rate). Models: img/s of attnzoo's model
-against timm's own class at the same size, inference and a training step (forward+backward).
+against timm's own class at the same size, inference and a training step (forward+backward). Input pipeline:
+training images/s of attnzoo's loader against timm's ``create_loader`` on the same folder (``--loader-data``).
 
 Two suites, chosen by the device (``--suite`` overrides):
 
@@ -24,6 +25,7 @@ Two suites, chosen by the device (``--suite`` overrides):
     python tools/benchmark.py --quick           # the small models only, shorter timing
     python tools/benchmark.py --op-models davit_tiny --models none --out results.json --md results.md
     python tools/benchmark.py --suite gpu --device cpu --dry-run    # build and check every GPU case, no timing
+    python tools/benchmark.py --op-models none --models none --keep-rates none --loader-data /data/imagenet
 
 Implementations are timed round-robin (a few calls of each, in alternating order, repeated; on CUDA between CUDA
 events), so drifting clocks and other load hit every one alike; each figure is the median time per call. A
@@ -660,6 +662,67 @@ def infer(model, x):
         return model(x)
 
 
+# ------------------------------------------------------------------------------------------ input pipeline
+
+def bench_loader(folder: Path, device, batch: int, workers: int, batches: int, budget=None,
+                 dry_run=False) -> Iterator[Row]:
+    """Training images per second delivered on ``device`` by attnzoo's loader (``attnzoo.engine``'s: seeded
+    per-sample augmentation, the resumable sampler, persistent workers) and timm's ``create_loader`` (with its
+    CUDA prefetcher on a GPU, as timm's train.py), both with the trainer's default augmentation at 224 px
+    (RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25) over ``folder``'s train split. Each loader's
+    workers start before the clock; the two are timed alternately, twice, the better round kept."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_loader
+
+    from attnzoo.data import image_folder
+    from attnzoo.engine import Run
+    from attnzoo.engine.trainer import build_loaders, to_device
+    from attnzoo.tasks.classification import train_transform
+
+    budget = budget or Budget(None)
+    if not budget.fits("input pipeline", cost=30.0):
+        return
+    args = argparse.Namespace(aa="rand-m9-mstd0.5-inc1", reprob=0.25, scale=(0.08, 1.0), batch_size=batch,
+                              workers=workers, prefetch_factor=2, seed=0, data=str(folder))
+    config = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN,
+              "std": IMAGENET_DEFAULT_STD}
+    dataset, _ = image_folder(folder, "train", transform=train_transform(args, config))
+    needed = (batches + 1) * batch
+    row = Row("loader", "train loader", f"{folder.name}: {len(dataset)} images, {workers} workers, batch {batch}",
+              "train")
+    if len(dataset) < needed:
+        row.errors["setup"] = f"{folder} has {len(dataset)} training images; {needed} needed"
+        yield row
+        return
+    task = argparse.Namespace(shard_val=True, collate_fn=None)
+    ours, _ = build_loaders(Run("none"), task, args, dataset, dataset)
+    ours.sampler.set_epoch(0)
+    theirs = create_loader(
+        image_folder(folder, "train")[0], input_size=config["input_size"], batch_size=batch, is_training=True,
+        use_prefetcher=device.type == "cuda", re_prob=args.reprob, scale=args.scale, auto_augment=args.aa,
+        interpolation="bicubic", mean=config["mean"], std=config["std"], num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0, device=device)
+    loaders = {"ours": ours, "timm": theirs}
+    if dry_run:
+        for loader in loaders.values():
+            next(iter(loader))
+        yield row
+        return
+    times: dict[str, list[float]] = {k: [] for k in loaders}
+    for _ in range(2):
+        for name, loader in loaders.items():
+            it = iter(loader)
+            x, _ = next(it)  # the workers are up and have a batch ready: time the steady state
+            start = time.perf_counter()
+            for _ in range(batches):
+                x, _ = next(it)
+                x = to_device(x, device)
+            sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3 / batches)
+            del it
+    row.ms = {k: min(v) for k, v in times.items()}
+    yield row
+
+
 # ------------------------------------------------------------------------------------------------- report
 
 OP_BASELINES = ("triton", "torch", "sdpa", "flex", "natten", "reference")
@@ -673,6 +736,11 @@ def _ratio(r: Row, key: str) -> str:
 
 def ours_ms(r: Row) -> str:
     return f"{r.ms['ours']:.3f}" if "ours" in r.ms else "failed" if r.errors else "–"  # "–": not timed (dry run)
+
+
+def batch_of(r: Row) -> int:
+    """A loader row's batch size (its shape ends with "batch N")."""
+    return int(r.shape.rsplit("batch ", 1)[1])
 
 
 def markdown(rows: list[Row], batch: int, skipped: list[str] = ()) -> str:
@@ -711,6 +779,13 @@ def markdown(rows: list[Row], batch: int, skipped: list[str] = ()) -> str:
             if memory:
                 line += "".join(f" {r.mem_mib[k]:.0f} |" if k in r.mem_mib else " – |" for k in ("ours", "timm"))
             lines.append(line)
+    loaders = [r for r in rows if r.group == "loader"]
+    if loaders:
+        lines += ["", "| input pipeline | data | ours img/s | timm img/s | ours vs timm |", "|---|---|---:|---:|---:|"]
+        for r in loaders:
+            ips = [f"{1e3 * batch_of(r) / r.ms[k]:.1f}" if k in r.ms else "failed" if r.errors else "–"
+                   for k in ("ours", "timm")]
+            lines.append(f"| {r.name} | {r.shape} | {ips[0]} | {ips[1]} | {_ratio(r, 'timm')} |")
     failures = [(r, k, e) for r in rows for k, e in r.errors.items()]
     if failures:
         lines += ["", "Failed or dropped (not in the ratios):", ""]
@@ -738,6 +813,19 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
     return env
 
 
+def loader_folder(data: str) -> Path:
+    """``data``, or for ``shapes`` the shapes dataset (5 classes x 128 training images at 256 px), written once
+    to the temp dir."""
+    if data != "shapes":
+        return Path(data)
+    import tempfile
+
+    from attnzoo.data import ShapesSpec, make_shapes_dataset
+
+    return make_shapes_dataset(Path(tempfile.gettempdir()) / "attnzoo-benchmark-shapes",
+                               ShapesSpec(train_per_class=128, val_per_class=1, image_size=256, seed=0))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -758,6 +846,11 @@ def main(argv=None) -> int:
                    help="torch.compile backend of the gpu suite (FlexAttention, compiled models); 'none': eager only")
     p.add_argument("--dry-run", action="store_true",
                    help="build every case and check the alternatives against ours, time nothing")
+    p.add_argument("--loader-data", metavar="FOLDER",
+                   help="run the input-pipeline case on this ImageNet-style folder ('shapes': a generated one of 640 "
+                        "images at 256 px, in the temp dir); default: not run")
+    p.add_argument("--loader-workers", type=int, default=4, help="loader processes of the input-pipeline case")
+    p.add_argument("--loader-batch", type=int, default=32, help="batch of the input-pipeline case")
     p.add_argument("--out", type=Path, default=Path("outputs/benchmark.json"))
     p.add_argument("--md", type=Path, default=Path("outputs/benchmark.md"))
     args = p.parse_args(argv)
@@ -801,6 +894,10 @@ def main(argv=None) -> int:
         "models": lambda: bench_models(chosen(model_names), device, dtype, batch, min_seconds,
                                        compile_backend if suite == "gpu" else None, budget, args.dry_run),
     }
+    if args.loader_data:
+        sections["input pipeline"] = lambda: bench_loader(
+            loader_folder(args.loader_data), device, args.loader_batch, args.loader_workers,
+            batches=5 if args.quick else 15, budget=budget, dry_run=args.dry_run)
     env = environment(device, dtype) | {"suite": suite, "batch": batch, "dry_run": args.dry_run}
     header = (f"{env['device']}, {env['dtype']}, torch {env['torch']}, triton {env.get('triton', '–')}, "
               f"{env['cpu_threads']} CPU threads, batch {batch}, {suite} suite\n\n")

@@ -1,14 +1,44 @@
 """The run's log: ``log.csv`` (one row per epoch), TensorBoard events when tensorboard is installed, and
-``curves.png`` (loss and the task's metric) at the end, each file replaced atomically."""
+``curves.png`` (loss and the task's metric) at the end, each file replaced atomically; :class:`Throughput`, the
+images per second and the share of the time spent waiting for data, per log interval and per epoch."""
 from __future__ import annotations
 
 import csv
 import io
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..common import atomic_file, atomic_write
 
-__all__ = ["Log"]
+__all__ = ["Log", "Throughput"]
+
+
+class Throughput:
+    """Wall time, time blocked on the data loader and images, since :meth:`reset`. :meth:`timed` wraps the
+    loader; the loop's ``loss.item()`` synchronises the device each step, so wall time includes the compute."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.started, self.waited, self.images = time.perf_counter(), 0.0, 0
+
+    def timed(self, loader: Iterable) -> Iterator:
+        it = iter(loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self.waited += time.perf_counter() - t
+            yield item
+
+    def report(self, world: int = 1) -> dict[str, float]:
+        """``img_per_s`` (this process's images x ``world``) and ``data_wait`` (the fraction of the wall time)."""
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return {"img_per_s": self.images * world / elapsed, "data_wait": self.waited / elapsed}
 
 
 class Log:
@@ -43,6 +73,12 @@ class Log:
             for key, value in row.items():
                 if key not in ("epoch", "step"):
                     self.tb.add_scalar(key, value, row["step"])
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """TensorBoard only (the per-interval numbers; ``log.csv`` keeps one row per epoch)."""
+        if self.main and self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(key, value, step)
 
     def close(self) -> None:
         if not self.main or not self.rows:

@@ -1,5 +1,7 @@
-"""The training loop: a :class:`attnzoo.tasks.Task` trained with timm's optimizer, cosine schedule and EMA,
-under DDP and AMP, with gradient accumulation, periodic checkpoints and exact resumption.
+"""The training loop: a :class:`attnzoo.tasks.Task` trained with timm's optimizer (layer-wise lr decay),
+schedules and EMA, under DDP and AMP, with timm's speed switches (torch.compile, channels-last, gradient
+checkpointing, SyncBatchNorm), gradient accumulation, persistent loader workers, periodic checkpoints, exact
+resumption and the throughput in the log (images/s, the share of time waiting for data).
 
 Resuming is exact: the data order is a function of (seed, epoch) (:class:`~attnzoo.engine.sampler.EpochSampler`),
 each sample's augmentation draws from a generator seeded by (seed, epoch, index)
@@ -39,26 +41,33 @@ from .checkpoint import (
     split_optimizer_state,
     write_checkpoint,
 )
-from .log import Log
+from .log import Log, Throughput
 from .run import Run, output_lock
 from .sampler import EpochSampler, SeededSamples
 
-__all__ = ["RESUME_OVERRIDES", "Trainer", "batch_size", "build_loaders", "resolve_resume", "to_device", "train"]
+__all__ = ["RESUME_OVERRIDES", "SCHEDULES", "Trainer", "batch_size", "build_loaders", "resolve_resume",
+           "speed_switches", "to_device", "train"]
 
 # options that a resumed run may change; every other one is taken from the checkpoint
-RESUME_OVERRIDES = ("data", "output", "resume", "max_steps", "workers")
+RESUME_OVERRIDES = ("data", "output", "resume", "max_steps", "workers", "prefetch_factor", "log_interval")
+# timm's fixed schedules (create_scheduler_v2); its plateau scheduler is left out: timm deprecates it because its
+# metric-driven state is not checkpointed, so a resumed run could not be exact
+SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant")
 
 B = TypeVar("B")
 
 
-def to_device(batch: B, device: torch.device) -> B:
-    """``batch`` with every tensor in it (nested in tuples, lists and dicts) moved to ``device``."""
+def to_device(batch: B, device: torch.device, channels_last: bool = False) -> B:
+    """``batch`` with every tensor in it (nested in tuples, lists and dicts) moved to ``device``; with
+    ``channels_last`` the 4-d floating-point ones (images) in that memory format."""
     if torch.is_tensor(batch):
+        if channels_last and batch.ndim == 4 and batch.is_floating_point():
+            return batch.to(device, memory_format=torch.channels_last, non_blocking=True)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(b, device) for b in batch)
+        return type(batch)(to_device(b, device, channels_last) for b in batch)
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
     return batch
 
 
@@ -80,12 +89,30 @@ def build_loaders(run: Run, task: Task, args: argparse.Namespace, train_set: Dat
     for dataset, train in ((train_set, True), (val_set, False)):
         rank, world = (run.rank, run.world) if train or task.shard_val else (0, 1)
         sampler = EpochSampler(len(dataset), args.batch_size, rank, world, args.seed, train)
-        loaders.append(DataLoader(
+        workers = dict(persistent_workers=True, prefetch_factor=args.prefetch_factor) if args.workers else {}
+        loaders.append(DataLoader(  # persistent workers: spawned once, not at every epoch
             SeededSamples(dataset), batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
             pin_memory=run.device.type == "cuda", generator=torch.Generator().manual_seed(args.seed),
-            collate_fn=task.collate_fn,
+            collate_fn=task.collate_fn, **workers,
         ))
     return loaders[0], loaders[1]
+
+
+def speed_switches(model: torch.nn.Module, args: argparse.Namespace, run: Run) -> torch.nn.Module:
+    """``model`` on ``run.device`` with timm's switches: ``--grad-checkpointing``, ``--channels-last``,
+    ``--sync-bn`` (SyncBatchNorm; a single process falls back to plain BatchNorm)."""
+    if args.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise InputError(f"--grad-checkpointing: model {args.model!r} has no set_grad_checkpointing")
+        model.set_grad_checkpointing(True)
+    model = model.to(run.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.sync_bn:
+        if run.world > 1 and run.device.type == "cpu":
+            raise InputError("--sync-bn needs CUDA devices (torch's SyncBatchNorm does not sync CPU tensors)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 class Trainer:
@@ -98,17 +125,24 @@ class Trainer:
         torch.manual_seed(args.seed)  # the same initial weights on every process
         self.task = get_task(args.task)(args, run)
         model, train_set, val_set = self.task.build()
-        self.model = model.to(run.device)
+        self.model = speed_switches(model, args, run)
         self.train_loader, self.val_loader = build_loaders(run, self.task, args, train_set, val_set)
         self.ddp = None
         if run.world > 1:
             self.ddp = DistributedDataParallel(self.model, find_unused_parameters=self.task.find_unused_parameters)
-        self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay)
+        # what the loop calls for the forward: DDP's wrapper, compiled with --compile (timm's order)
+        self.net = self.ddp or self.model
+        if args.compile:
+            self.net = torch.compile(self.net, mode=args.compile_mode)
+        self.optimizer = create_optimizer_v2(self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                             layer_decay=args.layer_decay)  # by the model's group_matcher
         self.batches = self.train_loader.sampler.batches_per_epoch()
         self.steps_per_epoch = math.ceil(self.batches / args.accum_steps)
+        # per update, not per epoch, so a run resumed mid-epoch has the lr it had
         self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched="cosine", num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-            warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False,
+            self.optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+            warmup_lr=args.warmup_lr, min_lr=args.min_lr, decay_epochs=args.decay_epochs,
+            decay_milestones=args.decay_milestones, decay_rate=args.decay_rate, step_on_epochs=False,
             updates_per_epoch=self.steps_per_epoch,
         )
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)
@@ -138,6 +172,8 @@ class Trainer:
             if self.ema is not None:
                 tensors["ema"] = self.ema.module.state_dict()
             tensors["optimizer"] = opt_tensors
+            # safetensors stores contiguous tensors only (--channels-last weights and their optimizer moments)
+            tensors = {file: {k: v.contiguous() for k, v in values.items()} for file, values in tensors.items()}
             write_checkpoint(self.output, self.step, tensors, state)
         self.run.barrier()
 
@@ -170,7 +206,7 @@ class Trainer:
         total_steps = args.epochs * self.steps_per_epoch
         if args.max_steps is not None:
             total_steps = min(total_steps, args.max_steps)
-        net = self.ddp or self.model
+        net = self.net
         while self.step < total_steps:
             epoch, first = self.epoch, self.start_batch
             self.train_loader.sampler.set_epoch(epoch, first)
@@ -179,9 +215,11 @@ class Trainer:
             loss_sum, seen, started = 0.0, 0, time.perf_counter()
             bar = tqdm(self.train_loader, total=self.batches, initial=first, disable=not run.main,
                        desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True, leave=False)
-            for i, batch in enumerate(bar, start=first):
-                batch = to_device(batch, run.device)
+            epoch_meter, meter = Throughput(), Throughput()  # the epoch's, the log interval's
+            for i, batch in enumerate(epoch_meter.timed(meter.timed(bar)), start=first):
+                batch = to_device(batch, run.device, args.channels_last)
                 n = batch_size(batch)
+                meter.images, epoch_meter.images = meter.images + n, epoch_meter.images + n
                 group_start = i - i % args.accum_steps
                 group_end = min(group_start + args.accum_steps, self.batches)
                 update = i + 1 == group_end
@@ -202,8 +240,15 @@ class Trainer:
                 self.scheduler.step_update(self.step)
                 if self.ema is not None:
                     self.ema.update(self.model, step=self.step)
-                per_s = seen * run.world / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{self._lr():.2e}", img_s=f"{per_s:.1f}")
+                speed = meter.report(run.world)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{self._lr():.2e}",
+                                img_s=f"{speed['img_per_s']:.1f}", data_wait=f"{speed['data_wait']:.0%}")
+                if args.log_interval and self.step % args.log_interval == 0:  # the loader or the model the limit?
+                    log.scalars(self.step, {"train_loss": loss_sum / seen, "lr": self._lr(), **speed})
+                    if run.main:
+                        bar.write(f"step {self.step} loss {loss_sum / seen:.4g} lr {self._lr():.3g} "
+                                  f"img/s {speed['img_per_s']:.1f} data_wait {speed['data_wait']:.0%}")
+                    meter.reset()
                 if i + 1 == self.batches or self.step == total_steps:
                     break
                 if args.checkpoint_every and self.step % args.checkpoint_every == 0:
@@ -212,12 +257,12 @@ class Trainer:
             if i + 1 < self.batches:  # stopped by --max-steps inside the epoch
                 self.save(epoch, i + 1)
                 break
-            elapsed = time.perf_counter() - started
+            elapsed, speed = time.perf_counter() - started, epoch_meter.report(run.world)
             self.model.eval()
             val = self.task.evaluate(self.model, self.val_loader)
             row = {"epoch": epoch + 1, "step": self.step, "lr": self._lr(),
                    "train_loss": run.all_sum([loss_sum])[0] / (seen * run.world), **val,
-                   "img_per_s": seen * run.world / elapsed, "seconds": elapsed}
+                   **speed, "seconds": elapsed}
             if self.ema is not None:
                 self.ema.module.eval()
                 row.update({f"ema_{k}": v for k, v in self.task.evaluate(self.ema.module, self.val_loader).items()
@@ -243,7 +288,9 @@ def resolve_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, Path |
         if checkpoint is None:
             raise InputError(f"--resume: no checkpoint in {output}/checkpoints to resume from")
         saved = read_state(checkpoint)["args"]
-        return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESUME_OVERRIDES}}), checkpoint
+        # an option the checkpoint's run did not have (an older attnzoo) takes this command's value
+        return argparse.Namespace(**{**vars(args), **saved, **{k: getattr(args, k) for k in RESUME_OVERRIDES}}), \
+            checkpoint
     checkpoint = last_checkpoint(output)
     if checkpoint is not None:
         raise InputError(f"{output} already holds a run (checkpoint {checkpoint.name}); pass --resume to "

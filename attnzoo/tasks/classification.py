@@ -1,4 +1,5 @@
-"""Image classification on an ImageNet-style folder (``DATA/train/<class>/*``, ``DATA/val/<class>/*``), any model
+"""Image classification on an ImageNet-style folder (``DATA/train/<class>/*``, ``DATA/val/<class>/*``), WebDataset
+shards in timm's layout (:mod:`attnzoo.data.shards`) or a Hugging Face dataset (:mod:`attnzoo.data.hfds`), any model
 timm can build: timm's transforms (RandAugment, random erasing), Mixup/CutMix, label smoothing, top-1/top-5."""
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from timm.utils import accuracy
 
 from ..common import InputError
 from ..data import class_names, image_folder
+from ..data.hfds import hf_dataset, is_hf
+from ..data.shards import is_wds, wds_dataset
 from . import Task, create_model, data_config
 
 
@@ -40,10 +43,15 @@ class ClassificationTask(Task):
 
     def build(self):
         args, run = self.args, self.run
-        train_set, skipped = image_folder(args.data, "train")
-        val_set, val_skipped = image_folder(args.data, "val", class_to_idx=train_set.reader.class_to_idx)
-        if skipped or val_skipped:
-            run.log(f"skipped {len(skipped) + len(val_skipped)} unreadable image(s), e.g. {(skipped + val_skipped)[0]}")
+        if is_wds(args.data) or is_hf(args.data):
+            read = wds_dataset if is_wds(args.data) else hf_dataset
+            train_set, val_set = read(args.data, "train"), read(args.data, "val")
+        else:
+            train_set, skipped = image_folder(args.data, "train")
+            val_set, val_skipped = image_folder(args.data, "val", class_to_idx=train_set.reader.class_to_idx)
+            if skipped or val_skipped:
+                run.log(f"skipped {len(skipped) + len(val_skipped)} unreadable image(s), e.g. "
+                        f"{(skipped + val_skipped)[0]}")
         self.classes = class_names(train_set)
         model = create_model(args, log=self.run.log, num_classes=len(self.classes))
         self.data_config = data_config(args, model)

@@ -83,3 +83,17 @@ def test_budget_sections_pass_unused_time_on():
     assert budget.fits("c", cost=10) and not budget.fits("d", cost=200)
     assert budget.skipped == ["b", "d"]
     assert benchmark.Budget(None).until(0.1).fits("e", cost=1e9)
+
+
+def test_input_pipeline_case(shapes, tmp_path):
+    """attnzoo's training loader against timm's create_loader on the same folder, images/s side by side."""
+    out, md = tmp_path / "b.json", tmp_path / "b.md"
+    code = benchmark.main(["--device", "cpu", "--quick", "--op-models", "none", "--models", "none", "--keep-rates",
+                           "none", "--loader-data", str(shapes), "--loader-workers", "0", "--loader-batch", "2",
+                           "--out", str(out), "--md", str(md)])
+    report = json.loads(out.read_text())
+    row, = report["rows"]
+    assert code == 0 and row["group"] == "loader" and not row["errors"]
+    assert set(row["ms"]) == {"ours", "timm"} and all(v > 0 for v in row["ms"].values())
+    assert "| input pipeline | data | ours img/s | timm img/s | ours vs timm |" in md.read_text()
+    assert f"| train loader | shapes: 20 images, 0 workers, batch 2 | {2e3 / row['ms']['ours']:.1f} |" in md.read_text()
