@@ -21,16 +21,17 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import timm
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from timm.data import create_transform
 from torchvision.utils import save_image
 
 import attnzoo  # (registers attnzoo's models with timm)
 from attnzoo.cli import tool_main
-from attnzoo.common import InputError, check_model_name
+from attnzoo.common import InputError
+from attnzoo.hub import create_model
 from attnzoo.kernels.window.reference import window_attention_reference
+from attnzoo.tasks import data_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,12 +74,10 @@ def record_window_attention() -> Iterator[list[torch.Tensor]]:
             module.window_attention = op
 
 
-def load_image(path: str, model: torch.nn.Module, img_size: int | None) -> torch.Tensor:
+def load_image(path: str, config: dict) -> torch.Tensor:
+    """The image at ``path`` transformed for a model of data ``config`` (timm's eval transform), as a batch of one."""
     if not Path(path).is_file():
         raise InputError(f"image {path} does not exist")
-    config = resolve_data_config(model=model)
-    if img_size:
-        config["input_size"] = (3, img_size, img_size)
     try:
         image = Image.open(path).convert("RGB")
     except OSError as e:
@@ -87,18 +86,17 @@ def load_image(path: str, model: torch.nn.Module, img_size: int | None) -> torch
 
 
 def visualize(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
-    name = check_model_name(args.model)
     pretrained = not args.no_pretrained
     # with random weights, one seed gives the classifier and its features_only twin the same ones (timm builds the
     # whole model before wrapping it, whose key names differ from family to family)
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=pretrained, **args.model_args).eval()
-    x = load_image(args.image, model, args.img_size)
+    model = create_model(args.model, pretrained=pretrained, **args.model_args).eval()
+    x = load_image(args.image, data_config(args, model))
     out = Path(args.out)
     (out / "features").mkdir(parents=True, exist_ok=True)
     (out / "attention").mkdir(exist_ok=True)
     torch.manual_seed(0)
-    features = timm.create_model(name, pretrained=pretrained, features_only=True, **args.model_args).eval()
+    features = create_model(args.model, pretrained=pretrained, features_only=True, **args.model_args).eval()
     feature_pngs, attention_pngs = [], []
     with torch.no_grad(), record_window_attention() as maps:
         for i, fmap in enumerate(features(x)):
