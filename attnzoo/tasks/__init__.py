@@ -115,11 +115,12 @@ def create_model(args: argparse.Namespace, log: Callable[[str], None] = print, *
 
 
 def data_config(args: argparse.Namespace, model: nn.Module) -> dict:
-    """timm's data config of ``model`` (input size, interpolation, mean, std, crop), at ``--img-size`` when given
-    (an :class:`InputError` when the model does not take that size: :func:`check_input_size`)."""
-    from timm.data import resolve_data_config
+    """timm's data config of ``model`` (input size, interpolation, mean, std, crop): the size the model was built
+    for when it takes only one (e.g. ``--model-args '{"img_size": 32}'``), else its pretrained one; ``--img-size``
+    when given (an :class:`InputError` when the model does not take that size: :func:`check_input_size`)."""
+    from timm.data import resolve_input_data_config
 
-    config = resolve_data_config(model=model)
+    config = resolve_input_data_config(model)
     if args.img_size:
         config["input_size"] = (3, args.img_size, args.img_size)
         check_input_size(model, config["input_size"], f"--img-size {args.img_size}")
