@@ -30,7 +30,7 @@ from timm.utils import accuracy
 from torch.utils.data import DataLoader
 
 import attnzoo  # noqa: F401  (registers attnzoo's models with timm)
-from attnzoo.cli import add_config_arguments, tool_main
+from attnzoo.cli import add_config_arguments, at_least, tool_main
 from attnzoo.common import InputError, atomic_write
 from attnzoo.data import class_names, image_folder
 from attnzoo.hub import create_model, load_weights
@@ -45,9 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", help="weights (.safetensors or .pth) instead of the pretrained ones")
     p.add_argument("--model-args", default="{}", type=json.loads, metavar="JSON",
                    help="extra keyword arguments for timm.create_model")
-    p.add_argument("--img-size", type=int, help="input size (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--img-size", type=at_least(1), help="input size (default: the model's)")
+    p.add_argument("--batch-size", type=at_least(1), default=64)
+    p.add_argument("--workers", type=at_least(0), default=4)
     p.add_argument("--out", help="also write the results to this JSON file")
     return p.parse_args(argv)
 

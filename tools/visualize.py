@@ -27,7 +27,7 @@ from timm.data import create_transform
 from torchvision.utils import save_image
 
 import attnzoo  # (registers attnzoo's models with timm)
-from attnzoo.cli import tool_main
+from attnzoo.cli import at_least, tool_main
 from attnzoo.common import InputError
 from attnzoo.hub import create_model
 from attnzoo.kernels.window.reference import window_attention_reference
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-args", default="{}", type=json.loads, metavar="JSON",
                    help="extra keyword arguments for timm.create_model")
     p.add_argument("--no-pretrained", action="store_true", help="random weights (for a quick look at the plumbing)")
-    p.add_argument("--img-size", type=int, help="input size (default: the model's)")
+    p.add_argument("--img-size", type=at_least(1), help="input size (default: the model's)")
     return p.parse_args(argv)
 
 

@@ -184,6 +184,29 @@ def test_model_arguments_the_model_does_not_take_are_named(shapes, tmp_path, cap
     assert not (tmp_path / "h").exists()
 
 
+# option values out of range: argparse's one-line error naming the option, before anything runs
+BAD_VALUES = [("train", "--batch-size", "0"), ("train", "--accum-steps", "0"), ("train", "--epochs", "0"),
+              ("train", "--workers", "-1"), ("train", "--img-size", "0"), ("train", "--lr", "-1"),
+              ("train", "--drop-path", "1"), ("train", "--opt", "no_such_optimizer"), ("eval", "--batch-size", "0"),
+              ("eval", "--workers", "-1"), ("visualize", "--img-size", "x")]
+
+
+@pytest.mark.parametrize("tool,option,value", BAD_VALUES)
+def test_an_option_value_out_of_range_is_named(tool, option, value, shapes, tmp_path, capsys):
+    positional = {"train": [str(shapes), "--output", str(tmp_path / "r")], "eval": ["davit_tiny", str(shapes)],
+                  "visualize": ["davit_tiny", _image(shapes), "--out", str(tmp_path / "v")]}[tool]
+    with pytest.raises(SystemExit) as exit_:
+        {"train": train, "eval": evaluate, "visualize": visualize}[tool].main([*positional, option, value])
+    assert exit_.value.code == 2
+    assert f"error: argument {option}: " in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_an_unknown_auto_augment_spec_is_named(shapes, tmp_path, capsys):
+    rc = train.main([str(shapes), "--model", "ulsam_mobilenetv2_100", "--img-size", "32", "--aa", "no-such-policy",
+                     "--output", str(tmp_path / "r"), *STEP])
+    _refused(capsys, rc, "train", "--aa 'no-such-policy'")
+
+
 def _task_data(task: str, shapes: Path, root: Path) -> Path:
     if task == "dcal":
         return _write_cub(root / "cub", classes=2, train=2, test=1)
