@@ -51,7 +51,6 @@ def at_least(low: float, kind: type = int) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"expected a value of at least {low}, got {text}")
         return value
 
-    parse.__name__ = f"at_least_{low}"
     return parse
 
 

@@ -131,7 +131,7 @@ def data_config(args: argparse.Namespace, model: nn.Module) -> dict:
 def check_input_size(model: nn.Module, input_size: tuple[int, int, int], what: str) -> None:
     """An :class:`InputError` naming ``what`` unless ``model`` takes images of ``input_size`` (C, H, W): timm's
     fixed-size check, then the model's own, by a forward of one zero image in eval mode (attnzoo's families
-    check their input before computing anything, so a refused size costs nothing)."""
+    check their input before computing anything: a refused size costs nothing, an accepted one a forward)."""
     from timm.data import resolve_input_data_config
 
     name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
