@@ -4,9 +4,9 @@
 The sample is the smallest model of each family in attnzoo's registry (tools/model_table.py's listing; the slow
 test below checks "smallest"), at a small input size the family takes; Sparsifiner, built for one size, is
 narrowed and built for 32 px by --model-args (which the Hub folder then carries), and HaloNet's is its cheapest
-to run rather than its smallest. No network: weights are random, written
-by the tests, or served from an offline Hugging Face cache; pretrained weights that cannot be had are an error
-naming the model. The slow sweep runs every registered model through visualize and eval.
+to run rather than its smallest. No network: weights are random, written by the tests, or served from an
+offline Hugging Face cache; pretrained weights that cannot be had are an error naming the model. The slow sweep
+runs every registered model through visualize and eval.
 """
 from __future__ import annotations
 
