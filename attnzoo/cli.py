@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from .common import InputError, MissingExtraError
 
-__all__ = ["add_config_arguments", "tool_main"]
+__all__ = ["add_config_arguments", "at_least", "fraction", "tool_main"]
 
 
 def tool_main(prog: str, body: Callable[[], object], cleanup: Callable[[], None] | None = None) -> int:
@@ -36,3 +36,27 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="dataset folder that replaces the config's data_root (see attnzoo.det.runner)")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default={}, metavar="KEY=VALUE",
                    help="override config settings, e.g. train_cfg.max_epochs=3 model.backbone.drop_path_rate=0.1")
+
+
+def at_least(low: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse ``type``: a number of ``kind`` (int or float) that is at least ``low``; otherwise argparse's
+    one-line error naming the option (status 2)."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a value of at least {low}, got {text}")
+        return value
+
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse ``type``: a number in [0, 1) (a drop or decay rate)."""
+    value = at_least(0.0, float)(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a value in [0, 1), got {text}")
+    return value

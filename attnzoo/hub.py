@@ -16,14 +16,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import timm
 import torch
 from safetensors.torch import load_file
 from timm.models._hub import generate_readme, save_for_hf
 
 from .backbones._pretrained import checkpoint_weights, read_training_checkpoint
-from .common import InputError, atomic_dir, sha256_file
+from .common import InputError, atomic_dir, check_model_name, sha256_file
 
-__all__ = ["filter_fn_of", "fit_report", "load_weights", "read_state_dict", "save_hub_folder"]
+__all__ = ["create_model", "filter_fn_of", "fit_report", "load_weights", "read_state_dict", "save_hub_folder"]
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -67,6 +68,30 @@ def fit_report(own: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor]
     return "".join(_key_report(label, keys) for label, keys in (
         ("missing from the checkpoint", missing), ("not in the model", unexpected),
         ("shape (checkpoint vs model)", mismatched)) if keys)
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs) -> torch.nn.Module:
+    """``timm.create_model(name, pretrained=pretrained, **kwargs)``, each failure a user causes an
+    :class:`InputError` naming the model: a name timm does not know (:func:`~attnzoo.common.check_model_name`),
+    keyword arguments the model does not take, pretrained weights that do not exist (no tag of the name has a
+    file) or that cannot be fetched (no network and not in the Hugging Face cache)."""
+    name = check_model_name(name)
+    if pretrained and not name.startswith(("hf-hub:", "local-dir:")) and not timm.list_pretrained(
+            name if "." in name else f"{name}.*"):
+        tags = timm.list_pretrained(f"{name.split('.')[0]}.*")
+        raise InputError(f"model {name!r} has no pretrained weights " + (
+            f"(its tags with weights: {', '.join(tags)})" if tags else "(none are published for it)") +
+            ": start from random weights or from a checkpoint file instead")
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        raise InputError(f"model {name!r} does not take the arguments {kwargs}: {e}") from None
+    except OSError as e:  # the Hub client's and urllib's errors (no network, offline mode, not in the cache)
+        if not pretrained:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"model {name!r}: its pretrained weights cannot be fetched ({type(e).__name__}: {first}); "
+                         "connect to the Hub, or point HF_HUB_CACHE at a cache that holds them") from None
 
 
 def filter_fn_of(model: torch.nn.Module) -> Callable | None:

@@ -855,7 +855,12 @@ def main(argv=None) -> int:
     p.add_argument("--md", type=Path, default=Path("outputs/benchmark.md"))
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA device here")
     suite = args.suite or ("gpu" if device.type == "cuda" else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     batch = args.batch or (64 if device.type == "cuda" else 4)
@@ -880,7 +885,12 @@ def main(argv=None) -> int:
         for limit in ("cache_size_limit", "recompile_limit"):  # the older and the newer name
             if hasattr(torch._dynamo.config, limit):
                 setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 256))
-    rates = [] if args.keep_rates == "none" else [float(r) for r in args.keep_rates.split(",")]
+    try:
+        rates = [] if args.keep_rates == "none" else [float(r) for r in args.keep_rates.split(",")]
+    except ValueError:
+        p.error(f"--keep-rates {args.keep_rates!r}: expected comma-separated numbers in (0, 1], or 'none'")
+    if not all(0 < r <= 1 for r in rates):
+        p.error(f"--keep-rates {args.keep_rates}: each keep rate must be in (0, 1]")
     # the gpu suite: DeiT-S's 197 tokens, and ViTDet-B's 64×64 map (two images)
     sizes = ((6, 197, 197, 64), (2, 12, 4096, 4096, 64)) if suite == "gpu" else ((6, 196, 196, 64),)
     if args.quick and device.type == "cpu":

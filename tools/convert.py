@@ -24,12 +24,10 @@ import json
 import sys
 from pathlib import Path
 
-import timm
-
 import attnzoo  # noqa: F401  (registers attnzoo's models with timm)
 from attnzoo.cli import tool_main
-from attnzoo.common import InputError, check_model_name
-from attnzoo.hub import filter_fn_of, load_weights, save_hub_folder
+from attnzoo.common import InputError
+from attnzoo.hub import create_model, filter_fn_of, load_weights, save_hub_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def convert(model_name: str, checkpoint: Path, out: Path, model_args: dict, overwrite: bool = False) -> Path:
-    model = timm.create_model(check_model_name(model_name), **model_args)
+    model = create_model(model_name, **model_args)
     load_weights(model, checkpoint, filter_fn=filter_fn_of(model))
     card = {"description": f"{model_name} with the weights of {checkpoint.name}, converted to timm's layout "
                            "by attnzoo's tools/convert.py.",

@@ -24,17 +24,17 @@ import sys
 import time
 from pathlib import Path
 
-import timm
 import torch
-from timm.data import create_transform, resolve_data_config
+from timm.data import create_transform
 from timm.utils import accuracy
 from torch.utils.data import DataLoader
 
 import attnzoo  # noqa: F401  (registers attnzoo's models with timm)
-from attnzoo.cli import add_config_arguments, tool_main
-from attnzoo.common import InputError, atomic_write, check_model_name
+from attnzoo.cli import add_config_arguments, at_least, tool_main
+from attnzoo.common import InputError, atomic_write
 from attnzoo.data import class_names, image_folder
-from attnzoo.hub import load_weights
+from attnzoo.hub import create_model, load_weights
+from attnzoo.tasks import data_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,9 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", help="weights (.safetensors or .pth) instead of the pretrained ones")
     p.add_argument("--model-args", default="{}", type=json.loads, metavar="JSON",
                    help="extra keyword arguments for timm.create_model")
-    p.add_argument("--img-size", type=int, help="input size (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--img-size", type=at_least(1), help="input size (default: the model's)")
+    p.add_argument("--batch-size", type=at_least(1), default=64)
+    p.add_argument("--workers", type=at_least(0), default=4)
     p.add_argument("--out", help="also write the results to this JSON file")
     return p.parse_args(argv)
 
@@ -63,13 +63,12 @@ def parse_config_args(argv: list[str]) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
-    name = check_model_name(args.model)
     kwargs = dict(args.model_args)
     if args.checkpoint:  # the checkpoint's head decides the classes: one per sub-folder
-        model = timm.create_model(name, num_classes=num_classes, **kwargs)
+        model = create_model(args.model, num_classes=num_classes, **kwargs)
         load_weights(model, args.checkpoint)
         return model
-    return timm.create_model(name, pretrained=True, **kwargs)
+    return create_model(args.model, pretrained=True, **kwargs)
 
 
 def label_map(model: torch.nn.Module, folder_classes: list[str]) -> dict[str, int] | None:
@@ -139,10 +138,7 @@ def evaluate_classifier(args: argparse.Namespace) -> None:
         dataset, skipped = image_folder(args.data, args.split, class_to_idx=mapping)
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
-    data_config = resolve_data_config(model=model)
-    if args.img_size:
-        data_config["input_size"] = (3, args.img_size, args.img_size)
-    dataset.transform = create_transform(**data_config, is_training=False)
+    dataset.transform = create_transform(**data_config(args, model), is_training=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                         pin_memory=device.type == "cuda")

@@ -25,10 +25,10 @@ from timm.data import create_transform
 
 import attnzoo  # noqa: F401  (registers attnzoo's models with timm)
 from attnzoo.cli import tool_main
-from attnzoo.common import InputError, check_model_name
+from attnzoo.common import InputError
 from attnzoo.data import image_folder
 from attnzoo.engine import find_checkpoint, read_state, task_state, verify_checkpoint
-from attnzoo.hub import load_weights, save_hub_folder
+from attnzoo.hub import create_model, load_weights, save_hub_folder
 from attnzoo.tasks import get_task
 
 
@@ -68,7 +68,7 @@ def publish(checkpoint: Path, out: Path, ema: bool = False, overwrite: bool = Fa
     if not weights.is_file():
         raise InputError(f"{weights} does not exist" + (" (the run kept no EMA: --ema-decay 0)" if ema else ""))
     digest = verify_checkpoint(checkpoint, [weights.name])["sha256"][weights.name]
-    model = timm.create_model(check_model_name(args["model"]), num_classes=len(classes), **args["model_args"])
+    model = create_model(args["model"], num_classes=len(classes), **args["model_args"])
     load_weights(model, weights)
     model.eval()
     prefix = "ema_" if ema else ""

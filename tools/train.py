@@ -30,12 +30,24 @@ from pathlib import Path
 import yaml
 
 import attnzoo  # noqa: F401  (registers attnzoo's models with timm)
-from attnzoo.cli import add_config_arguments, tool_main
+from attnzoo.cli import add_config_arguments, at_least, fraction, tool_main
 from attnzoo.engine import AMP_CHOICES, Run, train
 from attnzoo.engine.trainer import SCHEDULES
 from attnzoo.tasks import TASKS, get_task
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def optimizer_name(text: str) -> str:
+    """``--opt``: a name timm's ``create_optimizer_v2`` takes (``lookahead_NAME`` is NAME wrapped in Lookahead)."""
+    from timm.optim import get_optimizer_info
+
+    try:
+        get_optimizer_info(text.lower().split("_")[-1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"timm has no optimizer {text!r} (timm.optim.list_optimizers() lists "
+                                         "them)") from None
+    return text
 
 
 def _pre_parse(argv: list[str]) -> tuple[str | None, dict, str]:
@@ -80,8 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='extra keyword arguments for timm.create_model, e.g. \'{"embed_dims": [32, 64, 128, 256]}\'')
     m.add_argument("--pretrained", action="store_true", help="start from the model's pretrained weights")
     m.add_argument("--pretrained-file", help="start from these weights (.safetensors) instead of the tag's")
-    m.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate")
-    m.add_argument("--img-size", type=int, help="input size (default: the model's)")
+    m.add_argument("--drop-path", type=fraction, default=0.0, help="stochastic depth rate")
+    m.add_argument("--img-size", type=at_least(1), help="input size (default: the model's)")
     m.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in the backward (timm's set_grad_checkpointing): less memory")
     m.add_argument("--channels-last", action="store_true", help="model and images in channels-last memory format")
@@ -89,20 +101,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--compile", action="store_true", help="torch.compile the model (DDP's wrapper under torchrun)")
     m.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile's mode (default: its default)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=30)
-    o.add_argument("--max-steps", type=int,
+    o.add_argument("--epochs", type=at_least(1), default=30)
+    o.add_argument("--max-steps", type=at_least(0),
                    help="stop after this many optimizer steps (the schedule still spans --epochs)")
-    o.add_argument("--batch-size", type=int, default=64, help="per process")
-    o.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    o.add_argument("--opt", default="adamw")
-    o.add_argument("--lr", type=float, default=1e-3)
+    o.add_argument("--batch-size", type=at_least(1), default=64, help="per process")
+    o.add_argument("--accum-steps", type=at_least(1), default=1, help="micro-batches per optimizer step")
+    o.add_argument("--opt", type=optimizer_name, default="adamw")
+    o.add_argument("--lr", type=at_least(0.0, float), default=1e-3)
     o.add_argument("--weight-decay", type=float, default=0.05)
-    o.add_argument("--layer-decay", type=float, help="layer-wise lr decay (timm's param_groups_layer_decay)")
+    o.add_argument("--layer-decay", type=at_least(0.0, float),
+                   help="layer-wise lr decay (timm's param_groups_layer_decay)")
     o.add_argument("--sched", choices=SCHEDULES, default="cosine", help="timm's lr schedule (default: cosine)")
     o.add_argument("--decay-epochs", type=float, help="step: decay interval; wsd/rsqrt: decay length (timm's)")
     o.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], help="multistep: epochs")
     o.add_argument("--decay-rate", type=float, default=0.1, help="step/multistep: lr factor; poly: power")
-    o.add_argument("--warmup-epochs", type=float, default=1.0)
+    o.add_argument("--warmup-epochs", type=at_least(0.0, float), default=1.0)
     o.add_argument("--warmup-lr", type=float, default=1e-6)
     o.add_argument("--min-lr", type=float, default=1e-6)
     o.add_argument("--clip-grad", type=float, help="clip the gradient norm to this value")
@@ -111,13 +124,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--ema-decay", type=float, default=0.0, help="keep an EMA of the weights with this decay (0: off)")
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--workers", type=int, default=4,
+    r.add_argument("--workers", type=at_least(0), default=4,
                    help="data loading processes per training process (spawned once: persistent)")
-    r.add_argument("--prefetch-factor", type=int, default=2, help="batches each worker loads ahead")
-    r.add_argument("--log-interval", type=int, default=50, metavar="STEPS",
+    r.add_argument("--prefetch-factor", type=at_least(1), default=2, help="batches each worker loads ahead")
+    r.add_argument("--log-interval", type=at_least(0), default=50, metavar="STEPS",
                    help="print (and log to TensorBoard) loss, lr, images/s and the share of time waiting for data "
                         "every STEPS optimizer steps (0: off)")
-    r.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+    r.add_argument("--checkpoint-every", type=at_least(0), default=0, metavar="STEPS",
                    help="also checkpoint every STEPS optimizer steps (always at the end of each epoch)")
     get_task(task).add_arguments(p)
     actions = {a.dest: a for a in p._actions if a.dest not in ("help", "data", "config")}

@@ -22,16 +22,17 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import timm
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from timm.data import create_transform
 from torchvision.utils import save_image
 
 import attnzoo  # (registers attnzoo's models with timm)
-from attnzoo.cli import tool_main
-from attnzoo.common import InputError, atomic_file, check_model_name
+from attnzoo.cli import at_least, tool_main
+from attnzoo.common import InputError, atomic_file
+from attnzoo.hub import create_model
 from attnzoo.kernels.window.reference import window_attention_reference
+from attnzoo.tasks import data_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-args", default="{}", type=json.loads, metavar="JSON",
                    help="extra keyword arguments for timm.create_model")
     p.add_argument("--no-pretrained", action="store_true", help="random weights (for a quick look at the plumbing)")
-    p.add_argument("--img-size", type=int, help="input size (default: the model's)")
+    p.add_argument("--img-size", type=at_least(1), help="input size (default: the model's)")
     return p.parse_args(argv)
 
 
@@ -74,12 +75,10 @@ def record_window_attention() -> Iterator[list[torch.Tensor]]:
             module.window_attention = op
 
 
-def load_image(path: str, model: torch.nn.Module, img_size: int | None) -> torch.Tensor:
+def load_image(path: str, config: dict) -> torch.Tensor:
+    """The image at ``path`` transformed for a model of data ``config`` (timm's eval transform), as a batch of one."""
     if not Path(path).is_file():
         raise InputError(f"image {path} does not exist")
-    config = resolve_data_config(model=model)
-    if img_size:
-        config["input_size"] = (3, img_size, img_size)
     try:
         image = Image.open(path).convert("RGB")
     except OSError as e:
@@ -88,16 +87,15 @@ def load_image(path: str, model: torch.nn.Module, img_size: int | None) -> torch
 
 
 def visualize(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
-    name = check_model_name(args.model)
     pretrained = not args.no_pretrained
     # with random weights, one seed gives the classifier and its features_only twin the same ones (timm builds the
     # whole model before wrapping it, whose key names differ from family to family)
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=pretrained, **args.model_args).eval()
-    x = load_image(args.image, model, args.img_size)
+    model = create_model(args.model, pretrained=pretrained, **args.model_args).eval()
+    x = load_image(args.image, data_config(args, model))
     out = Path(args.out)
     torch.manual_seed(0)
-    features = timm.create_model(name, pretrained=pretrained, features_only=True, **args.model_args).eval()
+    features = create_model(args.model, pretrained=pretrained, features_only=True, **args.model_args).eval()
     feature_pngs, attention_pngs = [], []
     with torch.no_grad(), record_window_attention() as maps:
         for i, fmap in enumerate(features(x)):

@@ -298,6 +298,8 @@ class MaxVit(MaxxVit):
         transformer_cfg = maxxvit.cfg_window_size(cfg.transformer_cfg, img_size)
         _check_cfg(model_name, cfg, transformer_cfg)
         self.img_size = img_size
+        # timm's cfgs mark MaxViT fixed-size (its windows are); this one pads, so timm's tools may resize the input
+        self._traits = {"fixed_input_size": False}
         self.partition_ratio = transformer_cfg.partition_ratio
         self.num_classes = num_classes
         self.in_chans = in_chans

@@ -233,7 +233,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: NiNformer) 
 
 
 def _create_ninformer(variant: str, pretrained: bool = False, **kwargs) -> NiNformer:
-    out_indices = kwargs.pop("out_indices", 3)
+    # features_only: the last three blocks (timm's ViT default), all of them in a shallower model
+    out_indices = kwargs.pop("out_indices", min(3, kwargs["depth"]))
     return build_checked(
         NiNformer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

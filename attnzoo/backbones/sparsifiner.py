@@ -243,7 +243,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Sparsifiner
 
 
 def _create_sparsifiner(variant: str, pretrained: bool = False, **kwargs) -> Sparsifiner:
-    out_indices = kwargs.pop("out_indices", 3)
+    # features_only: the last three blocks (timm's ViT default), all of them in a shallower model
+    out_indices = kwargs.pop("out_indices", min(3, kwargs["depth"]))
     return build_checked(
         Sparsifiner, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

@@ -35,11 +35,12 @@ from __future__ import annotations
 import functools
 import math
 
-import timm
 import torch
 import torch.nn.functional as F
 from timm.data import resolve_data_config
 from torch import Tensor, nn
+
+from ..hub import create_model
 
 __all__ = ["CNNEmbedding", "OAT", "PointerHead", "fit_position_table", "oat_loss", "position_code"]
 
@@ -119,7 +120,8 @@ class BackboneEmbedding(nn.Module):
 
     def __init__(self, name: str, out_dim: int, pretrained: bool = False, **kwargs):
         super().__init__()
-        self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        # a ValueError (InputError) naming the model for an unknown name, bad kwargs or unavailable weights
+        self.backbone = create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
         cfg = resolve_data_config(model=self.backbone)
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)

@@ -22,7 +22,7 @@ from ..common import InputError
 if TYPE_CHECKING:
     from ..engine.run import Run
 
-__all__ = ["TASKS", "Batch", "Task", "create_model", "data_config", "get_task"]
+__all__ = ["TASKS", "Batch", "Task", "check_input_size", "create_model", "data_config", "get_task"]
 
 # what a task's loader yields: tensors, possibly nested in tuples, lists and dicts (moved to the device whole)
 Batch = torch.Tensor | Sequence["Batch"] | Mapping[str, "Batch"] | str | int | float | None
@@ -95,12 +95,8 @@ def create_model(args: argparse.Namespace, log: Callable[[str], None] = print, *
     :class:`InputError` that names the model. ``--pretrained-file`` loads strictly (through the family's
     checkpoint converter): a key that does not fit is an error naming it, and a new classifier, the only allowed
     difference, is said through ``log``."""
-    import timm
+    from .. import hub
 
-    from ..common import check_model_name
-    from ..hub import filter_fn_of, load_weights
-
-    name = check_model_name(args.model)
     kwargs = {**args.model_args, **kwargs}
     if args.drop_path:
         kwargs["drop_path_rate"] = args.drop_path
@@ -109,12 +105,9 @@ def create_model(args: argparse.Namespace, log: Callable[[str], None] = print, *
 
         if not Path(args.pretrained_file).is_file():
             raise InputError(f"--pretrained-file {args.pretrained_file} does not exist")
-    try:
-        model = timm.create_model(name, pretrained=args.pretrained, **kwargs)
-    except TypeError as e:
-        raise InputError(f"model {name!r} does not take the arguments {kwargs}: {e}") from None
+    model = hub.create_model(args.model, pretrained=args.pretrained, **kwargs)
     if args.pretrained_file:
-        head = load_weights(model, args.pretrained_file, filter_fn=filter_fn_of(model), new_head=True)
+        head = hub.load_weights(model, args.pretrained_file, filter_fn=hub.filter_fn_of(model), new_head=True)
         if head:
             log(f"--pretrained-file {args.pretrained_file}: a new classifier ({', '.join(head)} keep their "
                 f"initialisation: the file's do not fit the {getattr(model, 'num_classes', '?')} classes)")
@@ -122,10 +115,32 @@ def create_model(args: argparse.Namespace, log: Callable[[str], None] = print, *
 
 
 def data_config(args: argparse.Namespace, model: nn.Module) -> dict:
-    """timm's data config of ``model`` (input size, interpolation, mean, std, crop), at ``--img-size`` when given."""
-    from timm.data import resolve_data_config
+    """timm's data config of ``model`` (input size, interpolation, mean, std, crop): the size the model was built
+    for when it takes only one (e.g. ``--model-args '{"img_size": 32}'``), else its pretrained one; ``--img-size``
+    when given (an :class:`InputError` when the model does not take that size: :func:`check_input_size`)."""
+    from timm.data import resolve_input_data_config
 
-    config = resolve_data_config(model=model)
+    config = resolve_input_data_config(model)
     if args.img_size:
         config["input_size"] = (3, args.img_size, args.img_size)
+        check_input_size(model, config["input_size"], f"--img-size {args.img_size}")
     return config
+
+
+@torch.no_grad()
+def check_input_size(model: nn.Module, input_size: tuple[int, int, int], what: str) -> None:
+    """An :class:`InputError` naming ``what`` unless ``model`` takes images of ``input_size`` (C, H, W): timm's
+    fixed-size check, then the model's own, by a forward of one zero image in eval mode (attnzoo's families
+    check their input before computing anything: a refused size costs nothing, an accepted one a forward)."""
+    from timm.data import resolve_input_data_config
+
+    name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+    training = model.training
+    try:
+        resolve_input_data_config(model, args={"input_size": tuple(input_size)})
+        param = next(model.parameters(), None)
+        model.eval()(torch.zeros(1, *input_size, device=param.device if param is not None else None))
+    except ValueError as e:
+        raise InputError(f"{what}: model {name} does not take {input_size[1]}x{input_size[2]} images: {e}") from None
+    finally:
+        model.train(training)

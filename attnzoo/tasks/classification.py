@@ -20,10 +20,14 @@ from . import Task, create_model, data_config
 
 def train_transform(args: argparse.Namespace, config: dict):
     """timm's training transform for the augmentation flags in ``args`` at the model's data ``config``."""
-    return create_transform(
-        config["input_size"], is_training=True, auto_augment=args.aa or None, re_prob=args.reprob,
-        scale=tuple(args.scale), interpolation=config["interpolation"], mean=config["mean"], std=config["std"],
-    )
+    try:
+        return create_transform(
+            config["input_size"], is_training=True, auto_augment=args.aa or None, re_prob=args.reprob,
+            scale=tuple(args.scale), interpolation=config["interpolation"], mean=config["mean"], std=config["std"],
+        )
+    except (AssertionError, ValueError) as e:  # timm's auto-augment parser asserts on a spec it does not know
+        raise InputError(f"--aa {args.aa!r}: not a timm auto-augment spec (e.g. rand-m9-mstd0.5-inc1, "
+                         f"augmix-m5, original): {e}") from None
 
 
 class ClassificationTask(Task):

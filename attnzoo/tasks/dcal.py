@@ -22,6 +22,7 @@ from timm.data import resolve_data_config
 from timm.utils import accuracy
 from torchvision import transforms as T
 
+from ..common import InputError
 from ..data.cub import CUB200
 from ..data.market1501 import Market1501Eval, Market1501Train, flatten_identities
 from ..heads.dcal import DCAL, reid_metrics
@@ -63,7 +64,10 @@ class DCALTask(Task):
         backbone = create_model(args, log=self.run.log, num_classes=num_classes,
                                 **({"img_size": args.img_size} if args.img_size else {}))
         ratio = args.dcal_ratio if args.dcal_ratio is not None else DEFAULT_RATIO[args.dcal_dataset]
-        self.model = DCAL(backbone, local_ratio=ratio, reid=self.reid, triplet_margin=args.dcal_margin)
+        try:
+            self.model = DCAL(backbone, local_ratio=ratio, reid=self.reid, triplet_margin=args.dcal_margin)
+        except ValueError as e:  # a backbone that is not a ViT with a class token, a ratio out of range
+            raise InputError(f"--task dcal --model {args.model}: {e}") from None
         self.data_config = resolve_data_config(model=backbone)
         size = tuple(backbone.patch_embed.img_size)
         self.data_config["input_size"] = (3, *size)

@@ -27,7 +27,7 @@ from ..heads.scanpath_metrics import (
     scanpath_sim,
     sequence_score,
 )
-from . import Task
+from . import Task, check_input_size
 
 
 class OATTask(Task):
@@ -90,6 +90,9 @@ class OATTask(Task):
             model = OAT(**self.config, pretrained=args.oat_pretrained)
         except ValueError as e:
             raise InputError(f"--oat-* options: {e}") from None
+        if args.oat_crop_encoder != "cnn":
+            check_input_size(model.crop_encoder.backbone, (3, *crop_size),
+                             f"--oat-crop-encoder {args.oat_crop_encoder} on {crop_size[0]}x{crop_size[1]} crops")
         self.task_id = task
         self.centres = object_centres(self.grid.rows, self.grid.cols, self.grid.cell, self.grid.top)
         return model, train_set, val_set

@@ -59,7 +59,7 @@ def test_phases_train_the_predictor_then_the_backbone(shapes, tmp_path):
 
 def test_a_model_that_is_not_a_sparsifiner_is_refused(shapes, tmp_path, capsys):
     argv = [str(shapes), "--output", str(tmp_path / "r"), *FAST, "--task", "sparsifiner",
-            "--model", "deit_tiny_patch16_224", "--img-size", "32"]
+            "--model", "deit_tiny_patch16_224", "--model-args", '{"img_size": 32}', "--img-size", "32"]
     assert train.main(argv) == 2
     assert "is not a Sparsifiner" in capsys.readouterr().err
 
