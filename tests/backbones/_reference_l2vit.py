@@ -175,8 +175,10 @@ class L2ViT(nn.Module):
     def forward(self, x):
         """(logits, the NCHW output of every stage: the detection backbone's maps before its output norms)."""
         features = []
-        for i, (down, stage) in enumerate(zip(self.downsample_layers, self.stages)):
-            x, size = down(x) if i == 0 else down(x, size)
+        x, size = self.downsample_layers[0](x)
+        for i, stage in enumerate(self.stages):
+            if i:
+                x, size = self.downsample_layers[i](x, size)
             for block in stage:
                 x = block(x, size)
             features.append(_to_map(x, size))

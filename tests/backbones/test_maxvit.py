@@ -96,7 +96,7 @@ def test_pretrained_loads_timm_weights(offline_hub):
 
 @pytest.mark.parametrize("config,size", [
     ("small", (230, 300)), ("small", (250, 270)),
-    pytest.param("full", (230, 300), marks=pytest.mark.slow), pytest.param("full", (800, 1333), marks=pytest.mark.slow)])
+    *(pytest.param("full", size, marks=pytest.mark.slow) for size in [(230, 300), (800, 1333)])])
 def test_input_size_timm_rejects(config, size):
     """Sizes whose maps the windows and grid (4×4 small, 7×7 full) do not tile: timm refuses them; ours pads each
     partition to the window and masks the padded keys (the default; test_padded_keys_take_no_weight shows they
