@@ -138,6 +138,32 @@ def test_masked_padding_gives_padded_keys_no_weight():
                 torch.testing.assert_close(out[:, rows, cols].reshape(2, -1, 16), alone, atol=1e-6, rtol=1e-5)
 
 
+def test_masked_model_does_not_depend_on_the_padding(monkeypatch):
+    """``window_padding="masked"``, whole model: every map is the same whatever the padded q/k/v hold and however
+    much is padded (to the window's multiple, or a whole window of rows and columns more)."""
+    from attnzoo.backbones import davit
+
+    model = _small_model(window_padding="masked", features_only=True).eval()
+    x = torch.randn(1, 3, 40, 52, generator=torch.Generator().manual_seed(0))  # maps 10×13, 5×7, 3×4, 2×2
+    zero_pad = davit.pad_to_multiple
+
+    def noisy_pad(t, size, extra):
+        padded = zero_pad(t, size)
+        noisy = 10 * torch.randn(t.shape[0], padded.shape[1] + extra * size[0], padded.shape[2] + extra * size[1],
+                                 t.shape[3], generator=torch.Generator().manual_seed(5))
+        noisy[:, : t.shape[1], : t.shape[2]] = t
+        return noisy
+
+    with torch.no_grad(), use_backend("torch"):
+        clean = model(x)
+        for extra in (0, 1):
+            monkeypatch.setattr(davit, "pad_to_multiple", lambda t, size, extra=extra: noisy_pad(t, size, extra))
+            for a, b in zip(clean, model(x), strict=True):
+                assert (a - b).abs().max().item() <= 1e-5
+        monkeypatch.setattr(davit, "padding_key_mask", lambda *args: None)  # no mask: the noise leaks in
+        assert (clean[0] - model(x)[0]).abs().max().item() > 1e-3
+
+
 def test_non_tiling_input():
     model = timm.create_model("davit_tiny", features_only=True).eval()
     with torch.no_grad(), use_backend("torch"):
