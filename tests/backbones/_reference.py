@@ -1,6 +1,8 @@
 """What the reference-parity tests share: random norm statistics and affines (so that no block is an identity
-at init), and the one fp32 comparison of logits and feature maps."""
+at init), the one fp32 comparison of logits and feature maps, and a window padding that fills with noise."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -27,3 +29,14 @@ def assert_close_fp32(got: torch.Tensor, want: torch.Tensor, what: str, tol: flo
     err = (got - want).abs().max().item()
     bound = tol * max(1.0, want.abs().max().item())
     assert err <= bound, f"{what}: max |diff| {err:.3g} > {bound:.3g}"
+
+
+def noisy_padding(pad: Callable, extra_windows: int = 0) -> Callable:
+    """A stand-in for ``pad_to_multiple(x, size)`` (NHWC): the same padded shape plus ``extra_windows`` whole
+    windows of rows and columns, the padding filled with large noise instead of zeros."""
+    def padded(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        H, W = (n + extra_windows * s for n, s in zip(pad(x, size).shape[1:3], size, strict=True))
+        noisy = 10 * torch.randn(x.shape[0], H, W, x.shape[3], generator=torch.Generator().manual_seed(5))
+        noisy[:, : x.shape[1], : x.shape[2]] = x
+        return noisy
+    return padded

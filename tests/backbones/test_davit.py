@@ -12,6 +12,8 @@ from timm.models import davit as timm_davit
 from attnzoo.backbones.davit import DaVit, WindowAttention
 from attnzoo.kernels import trace, use_backend
 
+from ._reference import noisy_padding
+
 SLOW = pytest.mark.slow
 # (name, input size): timm zero-pads to the window without a mask, so compare at sizes whose maps tile it
 MODELS = [
@@ -145,19 +147,10 @@ def test_masked_model_does_not_depend_on_the_padding(monkeypatch):
 
     model = _small_model(window_padding="masked", features_only=True).eval()
     x = torch.randn(1, 3, 40, 52, generator=torch.Generator().manual_seed(0))  # maps 10×13, 5×7, 3×4, 2×2
-    zero_pad = davit.pad_to_multiple
-
-    def noisy_pad(t, size, extra):
-        padded = zero_pad(t, size)
-        noisy = 10 * torch.randn(t.shape[0], padded.shape[1] + extra * size[0], padded.shape[2] + extra * size[1],
-                                 t.shape[3], generator=torch.Generator().manual_seed(5))
-        noisy[:, : t.shape[1], : t.shape[2]] = t
-        return noisy
-
     with torch.no_grad(), use_backend("torch"):
-        clean = model(x)
+        clean, zero_pad = model(x), davit.pad_to_multiple
         for extra in (0, 1):
-            monkeypatch.setattr(davit, "pad_to_multiple", lambda t, size, extra=extra: noisy_pad(t, size, extra))
+            monkeypatch.setattr(davit, "pad_to_multiple", noisy_padding(zero_pad, extra))
             for a, b in zip(clean, model(x), strict=True):
                 assert (a - b).abs().max().item() <= 1e-5
         monkeypatch.setattr(davit, "padding_key_mask", lambda *args: None)  # no mask: the noise leaks in

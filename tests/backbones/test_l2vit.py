@@ -17,7 +17,7 @@ from attnzoo.backbones.l2vit import L2ViT, LinearAttention, checkpoint_filter_fn
 from attnzoo.kernels import trace, use_backend
 
 from ..tools.conftest import load_tool
-from ._reference import assert_close_fp32, randomize_norms
+from ._reference import assert_close_fp32, noisy_padding, randomize_norms
 from ._reference_l2vit import L2ViT as AuthorsL2ViT
 
 SLOW = pytest.mark.slow
@@ -178,18 +178,9 @@ def test_masked_windows_do_not_depend_on_the_padding(monkeypatch, extra_windows)
 
     model = _small_model(window_padding="masked", features_only=True).eval()
     x = torch.randn(1, 3, 40, 52, generator=torch.Generator().manual_seed(0))  # maps 10×13, 5×7, 3×4, 2×2
-    zero_pad = davit.pad_to_multiple
-
-    def noisy_pad(t, size):
-        padded = zero_pad(t, size)
-        h, w = padded.shape[1] + extra_windows * size[0], padded.shape[2] + extra_windows * size[1]
-        noisy = 10 * torch.randn(t.shape[0], h, w, t.shape[3], generator=torch.Generator().manual_seed(5))
-        noisy[:, : t.shape[1], : t.shape[2]] = t
-        return noisy
-
     with torch.no_grad(), use_backend("torch"):
         clean = model(x)
-        monkeypatch.setattr(davit, "pad_to_multiple", noisy_pad)
+        monkeypatch.setattr(davit, "pad_to_multiple", noisy_padding(davit.pad_to_multiple, extra_windows))
         for a, b in zip(clean, model(x), strict=True):
             assert (a - b).abs().max().item() <= 1e-5
         monkeypatch.setattr(davit, "padding_key_mask", lambda *args: None)  # no mask: the noise leaks in
