@@ -121,6 +121,7 @@ def test_matches_the_authors_code(tmp_path):
     kwargs = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     ours = timm.create_model("ninformer_cifar", **kwargs).eval()
     features = timm.create_model("ninformer_cifar", features_only=True, **kwargs).eval()
+    assert ours.pretrained_cfg["fixed_input_size"] and ours.pretrained_cfg["input_size"] == (3, 32, 32)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, want_maps = authors(x)

@@ -87,6 +87,7 @@ def test_matches_the_authors_code(tmp_path, config):
     features = timm.create_model(name, features_only=True, **kwargs,
                                  **({"out_indices": out_indices} if out_indices else {})).eval()
     size = ours.patch_embed.img_size
+    assert ours.pretrained_cfg["fixed_input_size"]
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), use_backend("torch"), trace() as calls:
         want, want_maps = authors(x)
