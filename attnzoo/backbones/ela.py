@@ -45,6 +45,8 @@ model surface. No weights exist, so no pretrained tags.
 """
 from __future__ import annotations
 
+import itertools
+import re
 from functools import partial
 
 import torch
@@ -59,7 +61,7 @@ from timm.models.resnet import _cfg as _resnet_cfg
 from ..kernels import ela_gate, ela_pool
 from ._common import CheckedInput, build_checked
 
-__all__ = ["EfficientLocalAttention", "ElaResNet", "ElaMobileNetV2", "ELA_VERSIONS"]
+__all__ = ["EfficientLocalAttention", "ElaResNet", "ElaMobileNetV2", "ELA_VERSIONS", "checkpoint_filter_fn"]
 
 # version → (conv kernel size, channels per conv group, GroupNorm groups)
 ELA_VERSIONS = {"t": (5, 1, 32), "b": (7, 1, 16), "s": (5, 8, 16), "l": (7, 8, 16)}
@@ -128,6 +130,34 @@ def _ela_layer(version: str):
     return layer
 
 
+# the authors' MbV2/models/mbv2_ela72.py layout → ours: a block's ``conv`` Sequential, by index, for its t = 1
+# (depthwise-separable) and its expanding blocks; their ELA (``custom_att``) names its GroupNorm ``gn``
+_AUTHORS_DS = {"0": "conv_dw", "1": "bn1", "3": "conv_pw", "4": "bn2"}
+_AUTHORS_IR = {"0": "conv_pw", "1": "bn1", "3": "conv_dw", "4": "bn2", "6": "se", "7": "conv_pwl", "8": "bn3"}
+_AUTHORS_ENDS = {"features.0.0.": "conv_stem.", "features.0.1.": "bn1.", "conv.0.": "conv_head.", "conv.1.": "bn2.",
+                 "classifier.1.": "classifier."}
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Loads the authors' ELA models: their MobileNetV2 (``MBV2_ELA72``: ``features.{k}.conv.{i}``, ``conv``,
+    ``classifier.1``; ``features.{k}`` is the k-th inverted residual, counted through our stages) and any model
+    holding their ELA module (``conv``, ``gn``), whose GroupNorm is our ``norm``. Ours passes through."""
+    blocks = list(itertools.chain.from_iterable(
+        (f"blocks.{s}.{j}" for j in range(len(stage))) for s, stage in enumerate(getattr(model, "blocks", []))))
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in _AUTHORS_ENDS.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        match = re.match(r"^features\.(\d+)\.conv\.(\d+)\.(.*)$", key)
+        if match:
+            k, index, rest = int(match[1]), match[2], match[3]
+            key = f"{blocks[k - 1]}.{(_AUTHORS_DS if k == 1 else _AUTHORS_IR)[index]}.{rest}"
+        out[re.sub(r"\.gn\.(weight|bias)$", r".norm.\1", key)] = value
+    return out
+
+
 _RESNETS = {  # depth → (block, blocks per stage), He et al. 2016, Table 1
     18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
     50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3)),
@@ -151,8 +181,8 @@ def _create_resnet(variant: str, pretrained: bool = False, **kwargs) -> ElaResNe
     version, depth = variant.split("_")[1], int(variant.rsplit("resnet", 1)[1])
     block, layers = _RESNETS[depth]
     block_args = dict(kwargs.pop("block_args", {}), attn_layer=_ela_layer(version))
-    return build_checked(ElaResNet, variant, pretrained, block=block, layers=layers,
-                                block_args=block_args, name=variant, **kwargs)
+    return build_checked(ElaResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, block=block,
+                         layers=layers, block_args=block_args, name=variant, **kwargs)
 
 
 def _create_mobilenetv2(variant: str, pretrained: bool = False, **kwargs) -> ElaMobileNetV2:
@@ -160,7 +190,7 @@ def _create_mobilenetv2(variant: str, pretrained: bool = False, **kwargs) -> Ela
     projection."""
     version = variant.split("_")[1]
     return build_checked(
-        ElaMobileNetV2, variant, pretrained,
+        ElaMobileNetV2, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         block_args=decode_arch_def(_MOBILENETV2), num_features=1280, stem_size=32,
         round_chs_fn=partial(round_channels, multiplier=1.0), act_layer=resolve_act_layer(kwargs, "relu6"),
         se_layer=_ela_layer(version), name=variant, feature_cfg=dict(flatten_sequential=True), **kwargs)

@@ -47,6 +47,7 @@ MobileNetV1's and V2's block tables, the head and the model surface. No weights 
 """
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import torch
@@ -59,7 +60,7 @@ from timm.models.efficientnet import _cfg as _effnet_cfg
 from ..kernels import subspace_attention
 from ._common import CheckedInput, build_checked
 
-__all__ = ["ULSAM", "UlsamMobileNet"]
+__all__ = ["ULSAM", "UlsamMobileNet", "checkpoint_filter_fn"]
 
 
 class ULSAM(nn.Module):
@@ -121,6 +122,29 @@ def _keeps_shape(block: nn.Module) -> bool:
     return convs[0].in_channels == out_chs and all(c.stride == (1, 1) for c in convs)
 
 
+# the authors' per-subspace modules (ulsam.py: ``subspaces.{n}.{conv_dws, bn_dws, conv_point, bn_point}``) → ours
+_AUTHORS_KEY = re.compile(r"^(.*)\.subspaces\.(\d+)\.(conv_dws|bn_dws|conv_point|bn_point)\.(\w+)$")
+_AUTHORS_NAMES = {"conv_dws": "conv_dw", "bn_dws": "bn_dw", "conv_point": "conv_pw", "bn_point": "bn_pw"}
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Loads a model whose ULSAMs are the authors' ``ULSAM`` modules (one ``SubSpace`` per group, in
+    ``subspaces``): their per-subspace tensors are concatenated, in subspace order, into our batched ones (the
+    subspace counters ``num_batches_tracked`` agree, the first is kept). Other keys, and ours, pass through."""
+    out, parts = {}, {}
+    for key, value in state_dict.items():
+        match = _AUTHORS_KEY.match(key)
+        if match is None:
+            out[key] = value
+            continue
+        prefix, n, module, name = match.groups()
+        parts.setdefault(f"{prefix}.{_AUTHORS_NAMES[module]}.{name}", {})[int(n)] = value
+    for key, by_subspace in parts.items():
+        values = [by_subspace[n] for n in sorted(by_subspace)]
+        out[key] = values[0] if key.endswith("num_batches_tracked") else torch.cat(values)
+    return out
+
+
 # MobileNetV1 (Howard et al. 2017, Table 1) and MobileNetV2 (Sandler et al. 2018, Table 2) in timm's block
 # notation, as timm's mobilenetv1_100 / mobilenetv2_100 build them
 _MOBILENETV1 = [["dsa_r1_k3_s1_c64"], ["dsa_r2_k3_s2_c128"], ["dsa_r2_k3_s2_c256"], ["dsa_r6_k3_s2_c512"],
@@ -133,7 +157,7 @@ _ARCHS = {"mobilenetv1": (_MOBILENETV1, 0), "mobilenetv2": (_MOBILENETV2, 1280)}
 def _create(variant: str, pretrained: bool, ulsam: dict[tuple[int, int], int], **kwargs) -> UlsamMobileNet:
     arch, num_features = _ARCHS[variant.split("_")[1]]
     return build_checked(
-        UlsamMobileNet, variant, pretrained,
+        UlsamMobileNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         block_args=decode_arch_def(arch), num_features=num_features, stem_size=32,
         round_chs_fn=partial(round_channels, multiplier=1.0), act_layer=resolve_act_layer(kwargs, "relu6"),
         ulsam=ulsam, name=variant, feature_cfg=dict(flatten_sequential=True), **kwargs)

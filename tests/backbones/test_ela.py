@@ -13,6 +13,10 @@ import attnzoo  # noqa: F401  (registers our models in timm)
 from attnzoo.backbones.ela import ELA_VERSIONS, EfficientLocalAttention, ElaResNet, _ela_layer
 from attnzoo.kernels import trace, use_backend
 
+from ._reference import assert_close_fp32, randomize_norms
+from ._reference_ela import ELA as AuthorsELA
+from ._reference_ela import MBV2_ELA72
+
 RESNETS = {18: ("resnet18", 1, (2, 2, 2, 2)), 34: ("resnet34", 1, (3, 4, 6, 3)),
            50: ("resnet50", 4, (3, 4, 6, 3)), 101: ("resnet101", 4, (3, 4, 23, 3))}
 # MobileNetV2 (Sandler et al. 2018, Table 2): (expansion t, output channels c, repeats n) after the stem's 32
@@ -150,6 +154,56 @@ def test_backbone_is_timms_with_ela_added(name, base):
     theirs.load_state_dict(state, strict=True)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+def _load_authors_file(tmp_path, authors: torch.nn.Module, name: str, **kwargs):
+    """Ours, and ours with ``features_only=True``, loaded through timm's pretrained path (the converter) from a
+    file holding the authors' model's state_dict."""
+    path = tmp_path / "weights.pth"
+    torch.save(authors.state_dict(), path)
+    kwargs = dict(kwargs, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    return timm.create_model(name, **kwargs).eval(), timm.create_model(name, features_only=True, **kwargs).eval()
+
+
+@pytest.mark.parametrize("size", [(230, 300), *(pytest.param(size, marks=pytest.mark.slow)
+                                                 for size in [(224, 224), (197, 251), (800, 1333)])])
+def test_mobilenetv2_matches_the_authors_code(tmp_path, size):
+    """The authors' ImageNet MobileNetV2 with ELA (tests/backbones/_reference_ela.py, written from their
+    mbv2_ela72.py: ELA-L) and ela_l_mobilenetv2_100, same weights in their layout, fp32: logits and every
+    features_only map (the output of each stage's last block, theirs counted through ``features``)."""
+    torch.manual_seed(0)
+    authors = randomize_norms(MBV2_ELA72())
+    ours, features = _load_authors_file(tmp_path, authors, "ela_l_mobilenetv2_100")
+    ends = [sum(len(stage) for stage in ours.blocks[:s + 1]) for s in range(len(ours.blocks))]
+    stages = [int(m.split(".")[1]) for m in features.feature_info.module_name()]
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), use_backend("torch"):
+        want, want_maps = authors(x)
+        assert_close_fp32(ours(x), want, f"logits at {size}")
+        for s, got in zip(stages, features(x), strict=True):
+            assert_close_fp32(got, want_maps[ends[s]], f"stage {s} map at {size}")
+
+
+@pytest.mark.parametrize("name, size", [
+    ("ela_t_resnet18", (230, 300)),
+    *(pytest.param(name, size, marks=pytest.mark.slow) for name, size in [
+        ("ela_b_resnet18", (224, 224)), ("ela_l_resnet18", (800, 1333)), ("ela_s_resnet50", (197, 251))])])
+def test_resnet_matches_timms_with_the_authors_module(tmp_path, name, size):
+    """timm's own ResNet with the authors' ELA module (their ``custom_att`` with the version's constants) in the
+    same slot, same weights loaded through the converter (their ``gn`` is our ``norm``): logits and
+    features_only maps."""
+    version, base = name.split("_")[1], name.split("_")[2]
+    torch.manual_seed(0)
+    theirs = randomize_norms(timm.create_model(base, block_args=dict(
+        attn_layer=lambda channels, **_: AuthorsELA(channels, *ELA_VERSIONS[version]))))  # timm passes device=
+    assert any(k.endswith(".se.gn.weight") for k in theirs.state_dict())
+    ours, features = _load_authors_file(tmp_path, theirs, name)
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), use_backend("torch"):
+        assert_close_fp32(ours(x), theirs(x), f"logits at {size}")
+        want = theirs.forward_intermediates(x, intermediates_only=True)
+        for i, (got, expected) in enumerate(zip(features(x), want, strict=True)):
+            assert_close_fp32(got, expected, f"feature {i} at {size}")
 
 
 def test_ela_sits_where_the_docstring_says():

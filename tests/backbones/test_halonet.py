@@ -110,14 +110,63 @@ def test_untileable_size_names_block_size_and_nearest_sizes():
         features(torch.randn(1, 3, 230, 256))
 
 
-def tiny_halonet(**kwargs) -> HaloNet:
+@pytest.mark.parametrize("size", [(230, 300), pytest.param((800, 1333), marks=pytest.mark.slow)])
+def test_sizes_the_blocks_do_not_tile_are_refused_by_both(size):
+    """HaloNet has no padded form: timm's class asserts inside its first halo layer, ours names the problem."""
+    with torch.no_grad():
+        with pytest.raises(AssertionError):
+            byoanet.halonet26t().eval()(torch.randn(1, 3, *size))
+        with pytest.raises(ValueError, match=r"halonet26t: input height .*block_size=8"):
+            timm.create_model("halonet26t").eval()(torch.randn(1, 3, *size))
+
+
+@pytest.mark.slow
+def test_matches_timm_at_another_size():
+    """256×512, not the default 256×256: every halo stage's map is a multiple of the 8×8 blocks (the default
+    run compares a reduced HaloNet at other sizes: test_reduced_halonet_matches_timm)."""
+    x = torch.randn(1, 3, 256, 512, generator=torch.Generator().manual_seed(0))
+    theirs = randomize(byoanet.halonet26t(features_only=True, out_indices=(1, 2, 3, 4)))
+    ours = timm.create_model("halonet26t", features_only=True, out_indices=(1, 2, 3, 4)).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    with torch.no_grad(), use_backend("torch"):
+        for a, b in zip(ours(x), theirs(x), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    theirs = randomize(byoanet.halonet26t())
+    ours = timm.create_model("halonet26t").eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    with torch.no_grad(), use_backend("torch"):
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=0)
+
+
+def tiny_cfg(self_attn_layer=HaloAttn) -> ByoModelCfg:
     """Two halo stages (the second with strided queries) on a 32×32 input: 2×2 blocks of 4 in stage 1."""
-    cfg = ByoModelCfg(
+    return ByoModelCfg(
         blocks=(ByoBlockCfg(type="self_attn", d=1, c=32, s=1, br=0.5),
                 ByoBlockCfg(type="self_attn", d=2, c=64, s=2, br=0.5)),
-        stem_chs=16, stem_type="7x7", stem_pool="maxpool", self_attn_layer=HaloAttn,
+        stem_chs=16, stem_type="7x7", stem_pool="maxpool", self_attn_layer=self_attn_layer,
         self_attn_kwargs=dict(block_size=4, halo_size=2, num_heads=2, dim_head=16))
-    return randomize(HaloNet(cfg, num_classes=10, name="tiny_halonet", **kwargs))
+
+
+def tiny_halonet(**kwargs) -> HaloNet:
+    return randomize(HaloNet(tiny_cfg(), num_classes=10, name="tiny_halonet", **kwargs))
+
+
+@pytest.mark.parametrize("size", [(32, 64), (64, 96)])
+def test_reduced_halonet_matches_timm(size):
+    """The reduced HaloNet against timm's ByobNet built from the same config with timm's HaloAttn, same weights,
+    at non-square sizes: logits and features_only maps."""
+    from timm.layers.halo_attn import HaloAttn as TimmHaloAttn
+    from timm.models.byobnet import ByobNet
+
+    ours = tiny_halonet()
+    theirs = ByobNet(tiny_cfg(TimmHaloAttn), num_classes=10).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), use_backend("torch"):
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=0)
+        for a, b in zip(ours.forward_intermediates(x, intermediates_only=True),
+                        theirs.forward_intermediates(x, intermediates_only=True), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
 def test_triton_backend_matches_torch():

@@ -17,6 +17,8 @@ from attnzoo.backbones.l2vit import L2ViT, LinearAttention, checkpoint_filter_fn
 from attnzoo.kernels import trace, use_backend
 
 from ..tools.conftest import load_tool
+from ._reference import assert_close_fp32, noisy_padding, randomize_norms
+from ._reference_l2vit import L2ViT as AuthorsL2ViT
 
 SLOW = pytest.mark.slow
 FIXTURE = json.loads((Path(__file__).parents[1] / "fixtures" / "l2vit_state_dict.json").read_text())["variants"]
@@ -118,6 +120,71 @@ def test_pretrained_loads_the_release_files_ema_weights(tmp_path, monkeypatch):
     model = timm.create_model("l2vit_tiny.in1k", pretrained=True, num_classes=5)
     assert model.head.fc.weight.shape == (5, 768)
     torch.testing.assert_close(model.norm.weight, ema["norm.weight"])
+
+
+# the parity configurations, ours and the authors' kwargs: L2ViT_Tiny, and a narrow one-pair-per-stage L2ViT
+PARITY = {"l2vit_tiny": ({}, {}),
+          "reduced": (TINY, TINY)}  # the same argument names
+
+
+@pytest.fixture(scope="module")
+def authors_and_ours(tmp_path_factory):
+    """``get(config)``: the authors' L2ViT (written from their code: tests/backbones/_reference_l2vit.py) with
+    random weights and norm statistics, saved as their training script saves a release file; ours and ours
+    with ``features_only=True`` loaded from that file through timm's pretrained path (the converter)."""
+    built = {}
+
+    def get(config: str):
+        if config not in built:
+            kwargs, authors_kwargs = PARITY[config]
+            torch.manual_seed(0)
+            authors = randomize_norms(AuthorsL2ViT(**authors_kwargs))
+            for name, p in authors.named_parameters():
+                if name.endswith("temperature"):
+                    p.data.uniform_(0.05, 0.5)
+            weights = authors.state_dict()
+            if config == "l2vit_tiny":
+                assert {k: list(v.shape) for k, v in weights.items()} == FIXTURE["l2vit_tiny"]["state_dict"]
+            path = tmp_path_factory.mktemp("l2vit") / "L2ViT-Tiny-checkpoint-best-ema.pth"
+            torch.save({"model": weights, "model_ema": weights, "epoch": 299}, path)
+            kwargs = dict(kwargs, pretrained=True, pretrained_cfg_overlay=dict(file=str(path), custom_load=True))
+            built[config] = (authors, timm.create_model("l2vit_tiny", **kwargs).eval(),
+                             timm.create_model("l2vit_tiny", features_only=True, **kwargs).eval())
+        return built[config]
+
+    return get
+
+
+@pytest.mark.parametrize("config,size", [
+    ("reduced", (224, 224)), ("reduced", (230, 300)),
+    *(pytest.param("l2vit_tiny", size, marks=SLOW) for size in [(224, 224), (230, 300), (800, 1333)])])
+def test_matches_the_authors_code(authors_and_ours, config, size):
+    """Logits and the detection maps of the authors' model and ours, same weights, fp32: at 224 every window
+    tiles; at 230×300 and 800×1333 none of the stages does (58×75 → 8×10 against 7×7 windows)."""
+    authors, ours, features = authors_and_ours(config)
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), use_backend("torch"):
+        want, want_maps = authors(x)
+        assert_close_fp32(ours(x), want, f"logits at {size}")
+        for i, (got, expected) in enumerate(zip(features(x), want_maps, strict=True)):
+            assert_close_fp32(got, expected, f"stage {i} map at {size}")
+
+
+@pytest.mark.parametrize("extra_windows", [0, 1])
+def test_masked_windows_do_not_depend_on_the_padding(monkeypatch, extra_windows):
+    """``window_padding="masked"``: the visible tokens' outputs are the same whatever the padded q/k/v hold and
+    however much is padded (up to the window's multiple, or a whole window of rows and columns more)."""
+    from attnzoo.backbones import davit
+
+    model = _small_model(window_padding="masked", features_only=True).eval()
+    x = torch.randn(1, 3, 40, 52, generator=torch.Generator().manual_seed(0))  # maps 10×13, 5×7, 3×4, 2×2
+    with torch.no_grad(), use_backend("torch"):
+        clean = model(x)
+        monkeypatch.setattr(davit, "pad_to_multiple", noisy_padding(davit.pad_to_multiple, extra_windows))
+        for a, b in zip(clean, model(x), strict=True):
+            assert (a - b).abs().max().item() <= 1e-5
+        monkeypatch.setattr(davit, "padding_key_mask", lambda *args: None)  # no mask: the noise leaks in
+        assert (clean[0] - model(x)[0]).abs().max().item() > 1e-3
 
 
 def test_linear_attention_is_the_authors_formula():

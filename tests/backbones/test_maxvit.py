@@ -94,14 +94,36 @@ def test_pretrained_loads_timm_weights(offline_hub):
         assert torch.equal(loaded[k], v), k
 
 
-def test_input_size_timm_rejects():
-    ref, ours = _timm_and_ours("maxvit_tiny_tf_224")
-    x = torch.randn(1, 3, 250, 270)
+@pytest.mark.parametrize("config,size", [
+    ("small", (230, 300)),
+    *(pytest.param("full", size, marks=pytest.mark.slow) for size in [(230, 300), (800, 1333)])])
+def test_input_size_timm_rejects(config, size):
+    """Sizes whose maps the windows and grid (4×4 small, 7×7 full) do not tile: timm refuses them; ours pads each
+    partition to the window and masks the padded keys (the default; test_padded_keys_take_no_weight shows they
+    take no weight), giving the logits and every features_only map, each the ceiling of size / reduction."""
+    kwargs = SMALL_TF if config == "small" else {}
+    ref, ours = _timm_and_ours("maxvit_tiny_tf_224", **kwargs)
+    features = timm.create_model("maxvit_tiny_tf_224", features_only=True, **kwargs).eval()
+    x = torch.randn(1, 3, *size)
     with torch.no_grad(), use_backend("torch"):
         with pytest.raises(AssertionError, match="divisible"):
             ref(x)
-        logits = ours(x)
-    assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
+        logits, maps = ours(x), features(x)
+    assert logits.shape == (1, ours.num_classes) and torch.isfinite(logits).all()
+    assert [tuple(m.shape[2:]) for m in maps] == [(-(-size[0] // r), -(-size[1] // r)) for r in (2, 4, 8, 16, 32)]
+    assert all(torch.isfinite(m).all() for m in maps)
+
+
+def test_matches_timm_at_another_tiling_size():
+    """timm's MaxViT takes another size through ``img_size`` (window = grid = size / 32): 160×192 gives 5×6."""
+    ref, ours = _timm_and_ours("maxvit_tiny_tf_224", **dict(SMALL_TF, img_size=(160, 192)))
+    x = torch.randn(1, 3, 160, 192, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), use_backend("torch"):
+        expected = ref(x)
+        assert expected.abs().max() > 1e-2 and _max_diff(ours(x), expected) <= 1e-4
+        for m, e in zip(ours.forward_intermediates(x, intermediates_only=True),
+                        ref.forward_intermediates(x, intermediates_only=True), strict=True):
+            assert _max_diff(m, e) <= 1e-4
 
 
 @pytest.mark.parametrize("name, size", [

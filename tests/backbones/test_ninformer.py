@@ -12,6 +12,9 @@ import torch.nn.functional as F
 import attnzoo  # noqa: F401  (registers the models)
 from attnzoo.backbones.ninformer import NiNBlock, NiNformer, checkpoint_filter_fn
 
+from ._reference import assert_close_fp32, randomize_norms
+from ._reference_ninformer import NiNformerImageClassification as AuthorsNiNformer
+
 TINY = dict(embed_dim=32, depth=3, mlp_dim=48, token_mlp_dim=24, proj_drop_rate=0.0)
 
 
@@ -105,6 +108,31 @@ def test_checkpoint_filter_converts_the_authors_layout():
     ours.load_state_dict(checkpoint_filter_fn(authors, ours), strict=True)
     for key, value in ref.state_dict().items():
         assert torch.equal(ours.state_dict()[key], value), key
+
+
+def test_matches_the_authors_code(tmp_path):
+    """Logits and features_only maps of the authors' train.py model (tests/backbones/_reference_ninformer.py,
+    written from their code) and ours, same weights loaded from the file their script saves (a bare state_dict
+    in their layout), at the one size the token-mixing MLP takes; another size is a clear error for both."""
+    torch.manual_seed(0)
+    authors = randomize_norms(AuthorsNiNformer())
+    path = tmp_path / "NiNformerImageClassification_cifar10.pth"
+    torch.save(authors.state_dict(), path)
+    kwargs = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    ours = timm.create_model("ninformer_cifar", **kwargs).eval()
+    features = timm.create_model("ninformer_cifar", features_only=True, **kwargs).eval()
+    assert ours.pretrained_cfg["fixed_input_size"] and ours.pretrained_cfg["input_size"] == (3, 32, 32)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, want_maps = authors(x)
+        assert_close_fp32(ours(x), want, "logits")
+        blocks = [int(m.split(".")[1]) for m in features.feature_info.module_name()]
+        assert blocks == [1, 2, 3]
+        for i, got in zip(blocks, features(x), strict=True):
+            assert_close_fp32(got, want_maps[i], f"block {i} map")
+        for model in (ours, features):
+            with pytest.raises(ValueError, match=r"ninformer_cifar: input `x` must be \[B, 3, 32, 32\]"):
+                model(torch.randn(1, 3, 36, 32))
 
 
 @pytest.mark.parametrize("shape", [(1, 3, 64, 64), (1, 3, 32, 36), (1, 1, 32, 32), (3, 32, 32)])

@@ -16,6 +16,9 @@ from attnzoo.backbones.ravlt import RAVLT, RalaAttention, checkpoint_filter_fn, 
 from attnzoo.kernels import trace, use_backend
 from attnzoo.kernels.linear.reference import rotate_pairs
 
+from ._reference import assert_close_fp32, randomize_norms
+from ._reference_ravlt import RAVLT as AuthorsRAVLT
+
 SLOW = pytest.mark.slow
 FIXTURE = json.loads((Path(__file__).parents[1] / "fixtures" / "ravlt_state_dict.json").read_text())["variants"]
 TINY = dict(depths=(1, 1, 1, 1), dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4), head_hidden_size=32,
@@ -80,6 +83,55 @@ def test_pretrained_loads_the_hub_file(offline_hub):
     model = timm.create_model("ravlt_t.in1k", pretrained=True, num_classes=5)
     assert model.head.fc.weight.shape == (5, 1024, 1, 1)
     torch.testing.assert_close(model.conv_head.bn.weight, weights["norm.weight"])
+
+
+# the parity configurations, ours and the authors' kwargs: RAVLT_T, and a narrow one-block-per-stage RAVLT
+PARITY = {"ravlt_t": ({}, {}),
+          "reduced": (TINY, dict(embed_dims=TINY["dims"], depths=TINY["depths"], num_heads=TINY["num_heads"],
+                                 projection=TINY["head_hidden_size"], num_classes=TINY["num_classes"]))}
+
+
+@pytest.fixture(scope="module")
+def authors_and_ours(tmp_path_factory):
+    """``get(config)``: the authors' RAVLT (written from their code: tests/backbones/_reference_ravlt.py) with
+    random weights, layer scales and norm statistics, saved as their training script saves a checkpoint; ours
+    and ours with ``features_only=True`` loaded from that file through timm's pretrained path (the converter)."""
+    built = {}
+
+    def get(config: str):
+        if config not in built:
+            kwargs, authors_kwargs = PARITY[config]
+            torch.manual_seed(0)
+            authors = randomize_norms(AuthorsRAVLT(**authors_kwargs))
+            for name, p in authors.named_parameters():
+                if name.endswith(("gamma_1", "gamma_2")):
+                    p.data.uniform_(0.5, 1.5)
+            weights = authors.state_dict()
+            if config == "ravlt_t":
+                assert {k: list(v.shape) for k, v in weights.items()} == FIXTURE["ravlt_t"]["state_dict"]
+            path = tmp_path_factory.mktemp("ravlt") / "RAVLT_T.pth"
+            torch.save({"model": weights, "epoch": 299}, path)
+            kwargs = dict(kwargs, pretrained=True, pretrained_cfg_overlay=dict(file=str(path), custom_load=True))
+            built[config] = (authors, timm.create_model("ravlt_t", **kwargs).eval(),
+                             timm.create_model("ravlt_t", features_only=True, **kwargs).eval())
+        return built[config]
+
+    return get
+
+
+@pytest.mark.parametrize("config,size", [
+    ("reduced", (224, 224)), ("reduced", (230, 300)),
+    *(pytest.param("ravlt_t", size, marks=SLOW) for size in [(224, 224), (230, 300), (800, 1333)])])
+def test_matches_the_authors_code(authors_and_ours, config, size):
+    """Logits and the detection maps (the authors' GLTA returns each stage's output before its downsampling) of
+    the authors' model and ours, same weights, fp32, at 224 and at sizes that halve to odd maps."""
+    authors, ours, features = authors_and_ours(config)
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), use_backend("torch"):
+        want, want_maps = authors(x)
+        assert_close_fp32(ours(x), want, f"logits at {size}")
+        for i, (got, expected) in enumerate(zip(features(x), want_maps, strict=True)):
+            assert_close_fp32(got, expected, f"stage {i} map at {size}")
 
 
 def test_rope_tables_are_the_authors():

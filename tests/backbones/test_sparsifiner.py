@@ -15,6 +15,9 @@ from attnzoo.backbones.sparsifiner import Sparsifiner, attention_maps, attn_reco
 from attnzoo.kernels import trace, use_backend
 from attnzoo.kernels.sparse.reference import key_mask
 
+from ._reference import assert_close_fp32, randomize_norms
+from ._reference_sparsifiner import Sparsifiner as AuthorsSparsifiner
+
 # 64 px, patch 16: 16 patches + cls = 17 tokens, 17 // 6 = 2 basis tokens
 TINY = dict(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=10)
 TINY_PREDICTOR = dict(basis_topk=2)
@@ -55,6 +58,48 @@ def test_keep_rate_one_equals_timm_deit_small_full_size():
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), use_backend("torch"):
         assert (ours(x) - ref(x)).abs().max().item() <= 1e-4
+
+
+# the parity configurations: Sparsifiner-S (DeiT-S, the default yaml's predictor), and a narrow two-block one at
+# 96 px (37 tokens, 6 basis tokens of which 3 kept, 10 keys per query), with the blocks its features_only takes
+PARITY = {"small": ({}, None), "reduced": (dict(img_size=96, patch_size=16, embed_dim=32, depth=2, num_heads=2,
+                                                num_classes=10, basis_topk=3), (0, 1))}
+
+
+@pytest.mark.parametrize("config", ["reduced", pytest.param("small", marks=pytest.mark.slow)])
+def test_matches_the_authors_code(tmp_path, config):
+    """Logits and features_only maps of the authors' inference (a dense softmax with the dropped keys at -inf:
+    tests/backbones/_reference_sparsifiner.py, written from their code) and ours (a sparse kernel over the kept
+    keys), same weights loaded from a checkpoint in their layout, at the model's one input size; another size
+    is refused with a clear error by both our model and its features_only form."""
+    kwargs, out_indices = PARITY[config]
+    torch.manual_seed(0)
+    authors = randomize_norms(AuthorsSparsifiner(**kwargs))
+    for name, p in authors.named_parameters():
+        if name.endswith("proj_back_n"):  # about half the basis entries above the 0.02 threshold
+            p.data.uniform_(-0.04, 0.04)
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": authors.state_dict(), "epoch": 49}, path)  # their main.py (DeiT's) checkpoint
+    kwargs = dict(kwargs, pretrained=True, pretrained_cfg_overlay=dict(
+        file=str(path), num_classes=kwargs.get("num_classes", 1000)))
+    name = "sparsifiner_deit_small_patch16_224"
+    ours = timm.create_model(name, **kwargs).eval()
+    features = timm.create_model(name, features_only=True, **kwargs,
+                                 **({"out_indices": out_indices} if out_indices else {})).eval()
+    size = ours.patch_embed.img_size
+    assert ours.pretrained_cfg["fixed_input_size"]
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), use_backend("torch"), trace() as calls:
+        want, want_maps = authors(x)
+        assert_close_fp32(ours(x), want, "logits")
+        blocks = [int(m.split(".")[1]) for m in features.feature_info.module_name()]
+        for i, got in zip(blocks, features(x), strict=True):
+            assert_close_fp32(got, want_maps[i], f"block {i} map")
+    assert {op for op, _ in calls} == {"sparse_attention"}
+    other = torch.randn(1, 3, size[0] + 16, size[1])
+    for model in (ours, features):
+        with pytest.raises(ValueError, match=rf"{name}: input `x` must be \[B, 3, {size[0]}, {size[1]}\]"):
+            model(other)
 
 
 def test_sparse_keep_rate_differs_from_dense():

@@ -13,6 +13,10 @@ import attnzoo  # noqa: F401  (registers our models in timm)
 from attnzoo.backbones.ulsam import ULSAM
 from attnzoo.kernels import trace, use_backend
 
+from ._reference import assert_close_fp32, randomize_norms
+from ._reference_ulsam import ULSAM as AuthorsULSAM
+from ._reference_ulsam import SubSpace as AuthorsSubSpace
+
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
@@ -24,23 +28,6 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
             m.running_mean = 0.1 * torch.randn(m.running_mean.shape, generator=g)
             m.running_var = 0.5 + torch.rand(m.running_var.shape, generator=g)
     return model
-
-
-class AuthorsSubSpace(nn.Module):
-    """The authors' per-subspace layout (Nandan91/ULSAM:ulsam.py), written out here without their BN
-    momentum: DW 1×1 + BN + ReLU, max-pool 3×3 s1, PW 1×1 to one map + BN + ReLU, softmax over H·W, x·a + x."""
-
-    def __init__(self, nin):
-        super().__init__()
-        self.conv_dws, self.bn_dws = nn.Conv2d(nin, nin, 1, groups=nin), nn.BatchNorm2d(nin)
-        self.conv_point, self.bn_point = nn.Conv2d(nin, 1, 1), nn.BatchNorm2d(1)
-
-    def forward(self, x):
-        out = nn.functional.max_pool2d(torch.relu(self.bn_dws(self.conv_dws(x))), 3, 1, 1)
-        out = torch.relu(self.bn_point(self.conv_point(out)))
-        B, _, H, W = out.shape
-        a = out.view(B, 1, -1).softmax(dim=2).view(B, 1, H, W)
-        return x * a + x
 
 
 def load_authors_weights(ours: ULSAM, subspaces: list[AuthorsSubSpace]) -> None:
@@ -152,19 +139,37 @@ def test_mobilenetv1_replacement_reproduces_the_papers_table():
     assert abs((params(plain) - params(model)) / 1e6 - 0.3) <= 0.1
 
 
-@pytest.mark.parametrize("name, base", [("ulsam_mobilenetv1_100", "mobilenetv1_100"),
-                                        ("ulsam_mobilenetv2_100", "mobilenetv2_100")])
-def test_backbone_is_timms_with_blocks_replaced(name, base):
-    """Put our ULSAMs in the same places of timm's own model and it is ours, key for key and output for output."""
-    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    ours, theirs = timm.create_model(name).eval(), timm.create_model(base).eval()
-    for s, stage in enumerate(ours.blocks):
+V1, V2 = ("ulsam_mobilenetv1_100", "mobilenetv1_100"), ("ulsam_mobilenetv2_100", "mobilenetv2_100")
+
+
+@pytest.mark.parametrize("name, base, size", [
+    (*V2, (230, 300)), (*V1, (197, 251)),
+    *(pytest.param(*arch, size, marks=pytest.mark.slow)
+      for arch, size in [(V2, (224, 224)), (V2, (197, 251)), (V1, (224, 224)), (V1, (230, 300))])])
+def test_matches_timms_model_with_the_authors_module(tmp_path, name, base, size):
+    """timm's own MobileNet with the authors' ULSAM (tests/backbones/_reference_ulsam.py, written from their
+    ulsam.py) in place of the same blocks, random weights and statistics, saved in that layout and loaded into
+    ours through timm's pretrained path (the converter concatenates their subspaces): the same logits and
+    features_only maps at 224 and at sizes that halve to odd maps."""
+    ours_cfg = timm.create_model(name, pretrained=False)
+    torch.manual_seed(0)
+    theirs = timm.create_model(base)
+    for s, stage in enumerate(ours_cfg.blocks):
         for b, block in enumerate(stage):
             if isinstance(block, ULSAM):
-                theirs.blocks[s][b] = randomize(block, seed=s)
-    theirs.load_state_dict(ours.state_dict(), strict=True)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+                theirs.blocks[s][b] = AuthorsULSAM(block.conv_dw.in_channels, block.num_subspaces)
+    randomize_norms(theirs)
+    path = tmp_path / "weights.pth"
+    torch.save(theirs.state_dict(), path)
+    assert any(".subspaces.3.conv_point.weight" in k for k in theirs.state_dict())
+    kwargs = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    ours, features = timm.create_model(name, **kwargs).eval(), timm.create_model(name, features_only=True, **kwargs)
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), use_backend("torch"):
+        assert_close_fp32(ours(x), theirs(x), f"logits at {size}")
+        want = theirs.forward_intermediates(x, intermediates_only=True)
+        for i, (got, expected) in enumerate(zip(features.eval()(x), want, strict=True)):
+            assert_close_fp32(got, expected, f"feature {i} at {size}")
 
 
 def test_added_ulsam_leaves_timms_model():
