@@ -20,7 +20,7 @@ import json
 import sys
 
 import attnzoo  # noqa: F401  (registers attnzoo's models with timm)
-from attnzoo.cli import add_config_arguments, tool_main
+from attnzoo.cli import add_config_arguments, given_options, tool_main
 from attnzoo.engine import AMP_CHOICES, Run, train
 from attnzoo.tasks import TASKS, get_task
 
@@ -34,6 +34,11 @@ def _task_name(argv: list[str]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
+    return parser(argv).parse_args(argv)
+
+
+def parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The options of tools/train.py, with those of the task ``argv`` names."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("data", help="the task's data (classification: an ImageNet-style folder with train/ and val/, "
                                 "one sub-folder per class)")
@@ -71,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
                    help="also checkpoint every STEPS optimizer steps (always at the end of each epoch)")
     get_task(_task_name(argv)).add_arguments(p)
-    return p.parse_args(argv)
+    return p
 
 
 def parse_config_args(argv: list[str]) -> argparse.Namespace:
@@ -99,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return tool_main("train.py", train_config, cleanup=Run.close)
 
-    args = parse_args(argv)
-    return tool_main("train.py", lambda: train(args), cleanup=Run.close)
+    p = parser(argv)
+    args = p.parse_args(argv)
+    return tool_main("train.py", lambda: train(args, given_options(p, argv)), cleanup=Run.close)
 
 
 if __name__ == "__main__":

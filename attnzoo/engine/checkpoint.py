@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..common import InputError, atomic_dir, atomic_write
@@ -89,10 +90,21 @@ def write_checkpoint(output: Path, step: int, tensors: dict[str, dict[str, torch
     return root / name
 
 
+def _read_json(path: Path, keys: tuple[str, ...]) -> dict:
+    """The JSON object in ``path``, which must have ``keys``; an InputError naming the file otherwise."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # not JSON (a truncated or overwritten file), not UTF-8
+        raise InputError(f"{path} is corrupt (not JSON: {e})") from None
+    if not isinstance(value, dict) or any(k not in value for k in keys):
+        raise InputError(f"{path} is corrupt (expected a JSON object with {', '.join(keys)})")
+    return value
+
+
 def last_checkpoint(output: Path) -> Path | None:
     """The checkpoint ``output/checkpoints/last.json`` names, None when there is none."""
     pointer = output / "checkpoints" / _POINTER
-    return output / "checkpoints" / json.loads(pointer.read_text())["checkpoint"] if pointer.is_file() else None
+    return output / "checkpoints" / _read_json(pointer, ("checkpoint",))["checkpoint"] if pointer.is_file() else None
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -108,12 +120,18 @@ def find_checkpoint(path: Path) -> Path:
 
 def read_state(folder: Path) -> dict:
     """The ``state.json`` of checkpoint ``folder``."""
-    return json.loads((folder / "state.json").read_text())
+    return _read_json(folder / "state.json", ("step", "args"))
 
 
 def read_tensors(folder: Path, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of ``<name>.safetensors`` in checkpoint ``folder``."""
-    return load_file(folder / f"{name}.safetensors", device=str(device))
+    path = folder / f"{name}.safetensors"
+    if not path.is_file():
+        raise InputError(f"checkpoint {folder} has no {path.name}")
+    try:
+        return load_file(path, device=str(device))
+    except SafetensorError as e:
+        raise InputError(f"{path} is corrupt (not a readable safetensors file: {e})") from None
 
 
 def task_state(state: dict) -> tuple[str, dict]:

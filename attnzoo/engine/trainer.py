@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
+import os
 import random
+import signal
+import sys
+import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,10 +28,10 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from ..common import InputError
+from ..common import InputError, Interrupted
 from ..tasks import Task, get_task
 from .checkpoint import (
     join_optimizer_state,
@@ -39,12 +45,15 @@ from .checkpoint import (
 )
 from .log import Log
 from .run import Run
-from .sampler import EpochSampler, SeededSamples
+from .sampler import EpochSampler, SeededLoader, SeededSamples, collate_with_unreadable
 
-__all__ = ["RESUME_OVERRIDES", "Trainer", "batch_size", "build_loaders", "resolve_resume", "to_device", "train"]
+__all__ = ["RESUME_OVERRIDES", "StopSignals", "Trainer", "batch_size", "build_loaders", "resolve_resume",
+           "to_device", "train"]
 
-# options that a resumed run may change; every other one is taken from the checkpoint
-RESUME_OVERRIDES = ("data", "output", "resume", "max_steps", "workers")
+# options that a resumed run may change (when given on its command line): where the data and the run are, when
+# to stop, how to load and when to checkpoint. Every other one is the run's own (the model, the data order, the
+# schedule, which --epochs spans) and is taken from the checkpoint.
+RESUME_OVERRIDES = ("data", "output", "max_steps", "workers", "checkpoint_every")
 
 B = TypeVar("B")
 
@@ -78,12 +87,56 @@ def build_loaders(run: Run, task: Task, args: argparse.Namespace, train_set: Dat
     for dataset, train in ((train_set, True), (val_set, False)):
         rank, world = (run.rank, run.world) if train or task.shard_val else (0, 1)
         sampler = EpochSampler(len(dataset), args.batch_size, rank, world, args.seed, train)
-        loaders.append(DataLoader(
+        loaders.append(SeededLoader(
             SeededSamples(dataset), batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
             pin_memory=run.device.type == "cuda", generator=torch.Generator().manual_seed(args.seed),
-            collate_fn=task.collate_fn,
+            collate_fn=functools.partial(collate_with_unreadable, collate=task.collate_fn or default_collate),
+            worker_init_fn=_leave_signals_to_the_trainer,
         ))
     return loaders[0], loaders[1]
+
+
+def _leave_signals_to_the_trainer(worker: int) -> None:
+    """In a loader worker: Ctrl-C (sent to the whole process group) and SIGTERM are the trainer's to handle
+    (:class:`StopSignals`); a worker that died of them would fail the step the trainer is finishing."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class StopSignals:
+    """Inside the block, SIGINT and SIGTERM ask the loop to stop (:attr:`signum`) instead of killing it; the first
+    one puts the previous handlers back, so a second one stops the process at once (checkpoints are atomic)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, run: Run):
+        self.run, self.signum, self.previous = run, 0, {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+        self._restore()
+        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (again to stop now)",
+              file=sys.stderr, flush=True)
+
+    def requested(self) -> int:
+        """The signal every process stops for (0: go on); all processes agree, so they checkpoint together."""
+        if self.run.world == 1:
+            return self.signum
+        counts = self.run.all_sum([float(self.signum == s) for s in self.SIGNALS])
+        return next((int(s) for s, n in zip(self.SIGNALS, counts) if n), 0)
 
 
 class Trainer:
@@ -113,6 +166,8 @@ class Trainer:
         self.ema = ModelEmaV3(self.model, decay=args.ema_decay, use_warmup=True) if args.ema_decay else None
         self.step = self.epoch = self.start_batch = 0
         self.metrics: dict = {}
+        self.sums = _epoch_sums()  # this process's sums over the epoch so far (kept in mid-epoch checkpoints)
+        self.named: set[str] = set()  # the unreadable files already named in the log
         random.seed(args.seed + run.rank)  # training randomness (dropout, mixup) differs across processes
         np.random.seed(args.seed + run.rank)
         torch.manual_seed(args.seed + run.rank)
@@ -121,16 +176,17 @@ class Trainer:
 
     def save(self, epoch: int, batch: int) -> None:
         """Checkpoint the state after optimizer step ``self.step``; training continues at (epoch, batch)."""
-        gathered = self.run.gather(rng_state())
+        gathered = self.run.gather((rng_state(), self.sums if batch else _epoch_sums()))
         if self.run.main:
             opt_tensors, opt_plain = split_optimizer_state(self.optimizer.state_dict())
-            for rank, (_, tensors) in enumerate(gathered):
+            for rank, ((_, tensors), _) in enumerate(gathered):
                 opt_tensors.update({f"rng.{rank}.{k}": v.cpu() for k, v in tensors.items()})
             state = {
                 "step": self.step, "epoch": epoch, "batch": batch, "world_size": self.run.world,
                 "args": vars(self.args), self.task.name: self.task.state(), "optimizer": opt_plain,
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": [plain for plain, _ in gathered], "metrics": self.metrics,
+                "rng": [plain for (plain, _), _ in gathered], "metrics": self.metrics,
+                "epoch_sums": [sums for _, sums in gathered],  # each process's, for the epoch's log.csv row
             }
             tensors = {"model": self.model.state_dict()}
             if self.ema is not None:
@@ -153,6 +209,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.start_batch = state["step"], state["epoch"], state["batch"]
         self.metrics = state["metrics"]
+        if "epoch_sums" in state:  # (checkpoints written before the sums were kept: the row covers the rest)
+            self.sums = state["epoch_sums"][self.run.rank]
         prefix = f"rng.{self.run.rank}."
         set_rng_state(state["rng"][self.run.rank],
                       {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -162,95 +220,164 @@ class Trainer:
     # -- the loop
 
     def train(self) -> None:
+        """Run the loop to ``--max-steps`` or the last epoch. SIGINT/SIGTERM stop it after the step in progress,
+        with a checkpoint: an :class:`~attnzoo.common.Interrupted` (the tools exit 130/143)."""
         args, run = self.args, self.run
         log = Log(self.output, run.main, resumed_step=self.step if args.resume else None, metric=self.task.metric)
         self.scheduler.step_update(self.step)
         total_steps = args.epochs * self.steps_per_epoch
         if args.max_steps is not None:
             total_steps = min(total_steps, args.max_steps)
+        if self.step >= total_steps:
+            run.log(f"nothing to do: the run is at step {self.step}, its end (--epochs {args.epochs}, --max-steps "
+                    f"{args.max_steps}); resume with a larger --max-steps to go on")
         net = self.ddp or self.model
-        while self.step < total_steps:
-            epoch, first = self.epoch, self.start_batch
-            self.train_loader.sampler.set_epoch(epoch, first)
-            self.task.set_epoch(epoch)
-            net.train()
-            loss_sum, seen, started = 0.0, 0, time.perf_counter()
-            bar = tqdm(self.train_loader, total=self.batches, initial=first, disable=not run.main,
-                       desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True, leave=False)
-            for i, batch in enumerate(bar, start=first):
-                batch = to_device(batch, run.device)
-                n = batch_size(batch)
-                group_start = i - i % args.accum_steps
-                group_end = min(group_start + args.accum_steps, self.batches)
-                update = i + 1 == group_end
-                with (contextlib.nullcontext() if update or self.ddp is None else self.ddp.no_sync()):
-                    with run.autocast():
-                        loss = self.task.loss(net, batch)
-                    self.scaler.scale(loss / (group_end - group_start)).backward()
-                loss_sum, seen = loss_sum + loss.item() * n, seen + n
-                if not update:
-                    continue
-                if args.clip_grad:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                self.scheduler.step_update(self.step)
-                if self.ema is not None:
-                    self.ema.update(self.model, step=self.step)
-                per_s = seen * run.world / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{self._lr():.2e}", img_s=f"{per_s:.1f}")
-                if i + 1 == self.batches or self.step == total_steps:
-                    break
-                if args.checkpoint_every and self.step % args.checkpoint_every == 0:
+        with StopSignals(run) as stop:
+            while self.step < total_steps:
+                epoch, first = self.epoch, self.start_batch
+                self.train_loader.sampler.set_epoch(epoch, first)
+                self.task.set_epoch(epoch)
+                net.train()
+                if first == 0:
+                    self.sums = _epoch_sums()
+                sums, started = self.sums, time.perf_counter()
+                bar = tqdm(self.train_loader, total=self.batches, initial=first, disable=not run.main,
+                           desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True, leave=False)
+                for i, batch in enumerate(bar, start=first):
+                    sums["unreadable"] += self._name_unreadable(self.train_loader)
+                    batch = to_device(batch, run.device)
+                    n = batch_size(batch)
+                    group_start = i - i % args.accum_steps
+                    group_end = min(group_start + args.accum_steps, self.batches)
+                    update = i + 1 == group_end
+                    with (contextlib.nullcontext() if update or self.ddp is None else self.ddp.no_sync()):
+                        with run.autocast():
+                            loss = self.task.loss(net, batch)
+                        self.scaler.scale(loss / (group_end - group_start)).backward()
+                    sums["loss"], sums["seen"] = sums["loss"] + loss.item() * n, sums["seen"] + n
+                    if not update:
+                        continue
+                    if args.clip_grad:
+                        self.scaler.unscale_(self.optimizer)
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step += 1
+                    self.scheduler.step_update(self.step)
+                    if self.ema is not None:
+                        self.ema.update(self.model, step=self.step)
+                    now = time.perf_counter()
+                    sums["seconds"], started = sums["seconds"] + now - started, now
+                    per_s = sums["seen"] * run.world / max(sums["seconds"], 1e-9)
+                    bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.3f}", lr=f"{self._lr():.2e}",
+                                    img_s=f"{per_s:.1f}")
+                    if i + 1 == self.batches or self.step == total_steps:
+                        break
+                    if signum := stop.requested():
+                        bar.close()
+                        self.save(epoch, i + 1)
+                        raise self._interrupted(signum)
+                    if args.checkpoint_every and self.step % args.checkpoint_every == 0:
+                        self.save(epoch, i + 1)
+                bar.close()
+                if i + 1 < self.batches:  # stopped by --max-steps inside the epoch
                     self.save(epoch, i + 1)
-            bar.close()
-            if i + 1 < self.batches:  # stopped by --max-steps inside the epoch
-                self.save(epoch, i + 1)
-                break
-            elapsed = time.perf_counter() - started
-            self.model.eval()
-            val = self.task.evaluate(self.model, self.val_loader)
-            row = {"epoch": epoch + 1, "step": self.step, "lr": self._lr(),
-                   "train_loss": run.all_sum([loss_sum])[0] / (seen * run.world), **val,
-                   "img_per_s": seen * run.world / elapsed, "seconds": elapsed}
-            if self.ema is not None:
-                self.ema.module.eval()
-                row.update({f"ema_{k}": v for k, v in self.task.evaluate(self.ema.module, self.val_loader).items()
-                            if not k.endswith("loss")})
-            self.metrics = row
-            log.write(row)
-            run.log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-            self.epoch, self.start_batch = epoch + 1, 0
-            self.save(self.epoch, 0)
+                    break
+                self._end_epoch(epoch, log)
+                if signum := stop.requested():
+                    raise self._interrupted(signum)
         log.close()
+
+    def _end_epoch(self, epoch: int, log: Log) -> None:
+        """Validate, write the epoch's row of log.csv and checkpoint the start of the next epoch."""
+        run, sums = self.run, self.sums
+        self.model.eval()
+        self.val_loader.unreadable.clear()
+        val = self.task.evaluate(self.model, self.val_loader)
+        val_unreadable = self._name_unreadable(self.val_loader)
+        loss_sum, seen, unreadable, val_sum = run.all_sum(
+            [sums["loss"], sums["seen"], sums["unreadable"], val_unreadable])
+        if self.task.shard_val:  # else every process read the whole val split
+            val_unreadable = val_sum
+        seconds = sums["seconds"]
+        row = {"epoch": epoch + 1, "step": self.step, "lr": self._lr(), "train_loss": loss_sum / seen, **val,
+               "img_per_s": seen / seconds, "seconds": seconds,
+               "unreadable": int(unreadable), "val_unreadable": int(val_unreadable)}
+        if self.ema is not None:
+            self.ema.module.eval()
+            row.update({f"ema_{k}": v for k, v in self.task.evaluate(self.ema.module, self.val_loader).items()
+                        if not k.endswith("loss")})
+            self.val_loader.unreadable.clear()  # the same files again
+        self.metrics = row
+        log.write(row)
+        run.log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        self.epoch, self.start_batch = epoch + 1, 0
+        self.save(self.epoch, 0)
+
+    def _name_unreadable(self, loader: SeededLoader) -> int:
+        """How many samples ``loader`` replaced since the last call; each file is named the first time."""
+        unreadable, loader.unreadable[:] = list(loader.unreadable), []
+        for path, reason in unreadable:
+            if path not in self.named:
+                self.named.add(path)
+                where = f" (rank {self.run.rank})" if self.run.world > 1 else ""
+                print(f"unreadable image{where}, replaced by another sample: {path}: {reason}", flush=True)
+        return len(unreadable)
+
+    def _interrupted(self, signum: int) -> Interrupted:
+        last = last_checkpoint(self.output)
+        return Interrupted(signum, f"{signal.Signals(signum).name} after step {self.step}: checkpoint {last}; "
+                                   f"continue with --resume --output {self.output}")
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
 
-def resolve_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, Path | None]:
+def _epoch_sums() -> dict[str, float]:
+    """The running sums of an epoch's log.csv row: loss x samples, samples, replaced samples, seconds."""
+    return {"loss": 0.0, "seen": 0, "unreadable": 0, "seconds": 0.0}
+
+
+def resolve_resume(args: argparse.Namespace,
+                   given: Collection[str] | None = None) -> tuple[argparse.Namespace, Path | None]:
     """The options a run goes with, and the checkpoint it resumes from: with ``--resume``, the checkpoint's
-    options except :data:`RESUME_OVERRIDES`; without, an :class:`InputError` if ``--output`` holds a run."""
+    options, except those of :data:`RESUME_OVERRIDES` that the command line ``given`` sets (by default: data and
+    output); each option given that differs from the run's is said in one line, with the value kept. Without
+    ``--resume``, an :class:`InputError` if ``--output`` holds a run."""
     output = Path(args.output)
     checkpoint = last_checkpoint(output)
     if args.resume:
         if checkpoint is None:
             raise InputError(f"--resume: no checkpoint in {output}/checkpoints to resume from")
         saved = read_state(checkpoint)["args"]
-        return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RESUME_OVERRIDES}}), checkpoint
+        given = {"data", "output"} if given is None else set(given) - {"resume"}
+        kept = {**vars(args), **saved, "resume": True}  # (options newer than the run: the command line's)
+        say = print if os.environ.get("RANK", "0") == "0" else lambda *_, **__: None
+        for key in sorted(given):
+            new, old = getattr(args, key), saved.get(key)
+            if new == old:
+                continue
+            flag = "DATA" if key == "data" else "--" + key.replace("_", "-")
+            if key in RESUME_OVERRIDES:
+                kept[key] = new
+                say(f"resume: {flag} {new} from the command line (the run had {old})", flush=True)
+            else:
+                say(f"resume: {flag} {new} ignored: the run's {old} is kept (a resumed run may change only "
+                      f"{', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES if k != 'data')} and "
+                      "DATA)", flush=True)
+        return argparse.Namespace(**kept), checkpoint
     if checkpoint is not None:
         raise InputError(f"{output} already holds a run (checkpoint {checkpoint.name}); pass --resume to "
                          "continue it or choose another --output")
     return args, None
 
 
-def train(args: argparse.Namespace) -> Path | None:
-    """Train (or, with ``--resume``, continue) the run ``args`` describe; returns its last checkpoint. The
-    caller leaves the process group (:meth:`Run.close`) whatever happens."""
-    args, checkpoint = resolve_resume(args)
+def train(args: argparse.Namespace, given: Collection[str] | None = None) -> Path | None:
+    """Train (or, with ``--resume``, continue) the run ``args`` describe; returns its last checkpoint. ``given``:
+    the options the command line set (:func:`attnzoo.cli.given_options`), which a resumed run compares with its
+    own. The caller leaves the process group (:meth:`Run.close`) whatever happens."""
+    args, checkpoint = resolve_resume(args, given)
     run = Run(args.amp)
     trainer = Trainer(run, args)
     if checkpoint is not None:

@@ -39,11 +39,9 @@ class ClassificationTask(Task):
         a.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
 
     def build(self):
-        args, run = self.args, self.run
-        train_set, skipped = image_folder(args.data, "train")
-        val_set, val_skipped = image_folder(args.data, "val", class_to_idx=train_set.reader.class_to_idx)
-        if skipped or val_skipped:
-            run.log(f"skipped {len(skipped) + len(val_skipped)} unreadable image(s), e.g. {(skipped + val_skipped)[0]}")
+        args = self.args
+        train_set = image_folder(args.data, "train")
+        val_set = image_folder(args.data, "val", class_to_idx=train_set.reader.class_to_idx)
         self.classes = class_names(train_set)
         model = create_model(args, log=self.run.log, num_classes=len(self.classes))
         self.data_config = data_config(args, model)
