@@ -54,7 +54,8 @@ def exit_status(e: BaseException) -> tuple[int | None, str]:
         return 1, f"error: {_os_error(e)}"
     if isinstance(e, SafetensorError) and (code := re.search(r"Os \{ code: (\d+)", str(e))):
         # safetensors' writer reports the OS error in its own exception, without the file
-        return 1, f"error: writing a safetensors file: {os.strerror(int(code[1]))} ({errno.errorcode.get(int(code[1]))})"
+        number = int(code[1])
+        return 1, f"error: writing a safetensors file: {os.strerror(number)} ({errno.errorcode.get(number)})"
     return None, ""
 
 

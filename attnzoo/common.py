@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["InputError", "Interrupted", "MissingExtraError", "UnreadableSample", "atomic_dir", "atomic_file", "atomic_write", "check_model_name",
-           "fsync_dir"]
+__all__ = ["InputError", "Interrupted", "MissingExtraError", "UnreadableSample", "atomic_dir", "atomic_file",
+           "atomic_write", "check_model_name", "fsync_dir"]
 
 _SOURCES = ("hf-hub:", "local-dir:")
 

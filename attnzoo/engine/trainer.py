@@ -136,7 +136,7 @@ class StopSignals:
         if self.run.world == 1:
             return self.signum
         counts = self.run.all_sum([float(self.signum == s) for s in self.SIGNALS])
-        return next((int(s) for s, n in zip(self.SIGNALS, counts) if n), 0)
+        return next((int(s) for s, n in zip(self.SIGNALS, counts, strict=True) if n), 0)
 
 
 class Trainer:

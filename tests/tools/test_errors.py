@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from attnzoo.cli import tool_main
