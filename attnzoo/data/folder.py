@@ -61,7 +61,8 @@ def image_folder(root: str | os.PathLike, split: str, class_to_idx: dict[str, in
                          f"{', '.join(get_img_extensions())} files)") from None
     # timm's reader derives the classes from the files it finds: an empty class folder would silently vanish
     # (and, in train, take the val images of that class with it)
-    found = {Path(path).relative_to(folder).parts[0] for path, _ in dataset.reader.samples}
+    prefix = len(str(folder)) + 1  # the reader's paths are os.path.join(folder, class, ...): strings, cheaper than Path
+    found = {path[prefix:].split(os.sep, 1)[0] for path, _ in dataset.reader.samples}
     empty = sorted(d.name for d in folder.iterdir()
                    if d.is_dir() and not d.name.startswith(".") and d.name not in found)
     if empty:
