@@ -5,12 +5,9 @@ import argparse
 import errno
 import importlib
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable
-
-from safetensors import SafetensorError
 
 from .common import InputError, Interrupted, MissingExtraError
 
@@ -52,10 +49,6 @@ def exit_status(e: BaseException) -> tuple[int | None, str]:
         return 128 + signal.SIGINT, "stopped: interrupted (SIGINT)"
     if isinstance(e, OSError):
         return 1, f"error: {_os_error(e)}"
-    if isinstance(e, SafetensorError) and (code := re.search(r"Os \{ code: (\d+)", str(e))):
-        # safetensors' writer reports the OS error in its own exception, without the file
-        number = int(code[1])
-        return 1, f"error: writing a safetensors file: {os.strerror(number)} ({errno.errorcode.get(number)})"
     return None, ""
 
 

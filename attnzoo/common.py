@@ -95,7 +95,7 @@ def _check_hub_folder(name: str, folder: Path) -> None:
     try:
         architecture = json.loads(config.read_text(encoding="utf-8")).get("architecture")
     except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
-        raise InputError(f"{config} is not a timm Hub config (a JSON object): {e}") from None
+        raise InputError(f"{config} is corrupt (not a JSON object: {e})") from None
     if not isinstance(architecture, str) or not timm.is_model(architecture):
         raise InputError(f"{config}: architecture {architecture!r} is not registered with timm (nor attnzoo)")
     weights = folder / "model.safetensors"
@@ -104,7 +104,7 @@ def _check_hub_folder(name: str, folder: Path) -> None:
             with safe_open(weights, "pt"):
                 pass
         except SafetensorError as e:
-            raise InputError(f"{weights} is not a readable safetensors file: {e}") from None
+            raise InputError(f"{weights} is corrupt (not a readable safetensors file: {e})") from None
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes

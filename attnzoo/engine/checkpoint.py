@@ -95,7 +95,7 @@ def _read_json(path: Path, keys: tuple[str, ...]) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:  # not JSON (a truncated or overwritten file), not UTF-8
-        raise InputError(f"{path} is corrupt (not JSON: {e})") from None
+        raise InputError(f"{path} is corrupt ({type(e).__name__}: {e})") from None
     if not isinstance(value, dict) or any(k not in value for k in keys):
         raise InputError(f"{path} is corrupt (expected a JSON object with {', '.join(keys)})")
     return value

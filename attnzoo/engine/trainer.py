@@ -48,7 +48,7 @@ from .run import Run
 from .sampler import EpochSampler, SeededLoader, SeededSamples, collate_with_unreadable
 
 __all__ = ["RESUME_OVERRIDES", "StopSignals", "Trainer", "batch_size", "build_loaders", "resolve_resume",
-           "to_device", "train"]
+           "resumed_options", "to_device", "train"]
 
 # options that a resumed run may change (when given on its command line): where the data and the run are, when
 # to stop, how to load and when to checkpoint. Every other one is the run's own (the model, the data order, the
@@ -342,35 +342,41 @@ def _epoch_sums() -> dict[str, float]:
 def resolve_resume(args: argparse.Namespace,
                    given: Collection[str] | None = None) -> tuple[argparse.Namespace, Path | None]:
     """The options a run goes with, and the checkpoint it resumes from: with ``--resume``, the checkpoint's
-    options, except those of :data:`RESUME_OVERRIDES` that the command line ``given`` sets (by default: data and
-    output); each option given that differs from the run's is said in one line, with the value kept. Without
-    ``--resume``, an :class:`InputError` if ``--output`` holds a run."""
+    options and those of the command line allowed to change (:func:`resumed_options`); without, an
+    :class:`InputError` if ``--output`` holds a run."""
     output = Path(args.output)
     checkpoint = last_checkpoint(output)
     if args.resume:
         if checkpoint is None:
             raise InputError(f"--resume: no checkpoint in {output}/checkpoints to resume from")
         saved = read_state(checkpoint)["args"]
-        given = {"data", "output"} if given is None else set(given) - {"resume"}
-        kept = {**vars(args), **saved, "resume": True}  # (options newer than the run: the command line's)
-        say = print if os.environ.get("RANK", "0") == "0" else lambda *_, **__: None
-        for key in sorted(given):
-            new, old = getattr(args, key), saved.get(key)
-            if new == old:
-                continue
-            flag = "DATA" if key == "data" else "--" + key.replace("_", "-")
-            if key in RESUME_OVERRIDES:
-                kept[key] = new
-                say(f"resume: {flag} {new} from the command line (the run had {old})", flush=True)
-            else:
-                say(f"resume: {flag} {new} ignored: the run's {old} is kept (a resumed run may change only "
-                      f"{', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES if k != 'data')} and "
-                      "DATA)", flush=True)
-        return argparse.Namespace(**kept), checkpoint
+        return resumed_options(args, saved, given), checkpoint
     if checkpoint is not None:
         raise InputError(f"{output} already holds a run (checkpoint {checkpoint.name}); pass --resume to "
                          "continue it or choose another --output")
     return args, None
+
+
+def resumed_options(args: argparse.Namespace, saved: dict, given: Collection[str] | None = None) -> argparse.Namespace:
+    """The options of a resumed run: the ``saved`` ones (the checkpoint's), except those of
+    :data:`RESUME_OVERRIDES` that the command line ``given`` sets (by default: data and output). Each option given
+    with a value other than the run's is said in one line, with the value kept."""
+    given = {"data", "output"} if given is None else set(given) - {"resume"}
+    kept = {**vars(args), **saved, "resume": True}  # (options newer than the run: the command line's)
+    say = print if os.environ.get("RANK", "0") == "0" else lambda *_, **__: None
+    for key in sorted(given):
+        new, old = getattr(args, key), saved.get(key)
+        if new == old:
+            continue
+        flag = "DATA" if key == "data" else "--" + key.replace("_", "-")
+        if key in RESUME_OVERRIDES:
+            kept[key] = new
+            say(f"resume: {flag} {new} from the command line (the run had {old})", flush=True)
+        else:
+            say(f"resume: {flag} {new} ignored: the run's {old} is kept (a resumed run may change only "
+                f"{', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES if k != 'data')} and DATA)",
+                flush=True)
+    return argparse.Namespace(**kept)
 
 
 def train(args: argparse.Namespace, given: Collection[str] | None = None) -> Path | None:
