@@ -4,7 +4,12 @@ under DDP and AMP, with gradient accumulation, periodic checkpoints and exact re
 Resuming is exact: the data order is a function of (seed, epoch) (:class:`~attnzoo.engine.sampler.EpochSampler`),
 each sample's augmentation draws from a generator seeded by (seed, epoch, index)
 (:class:`~attnzoo.engine.sampler.SeededSamples`), and the python/numpy/torch RNG states of every process are in
-the checkpoint, so a killed and resumed run reaches the same weights at step N as an uninterrupted one.
+the checkpoint, so a killed and resumed run reaches the same weights at step N as an uninterrupted one. A
+mid-epoch checkpoint also keeps the epoch's running sums, so the resumed epoch's log.csv row is the same too.
+
+A sample whose file cannot be decoded is replaced by another drawn from its seed (the same on resume), named once
+in the output and counted in log.csv (``unreadable``, ``val_unreadable``). SIGINT or SIGTERM stops the loop after
+the step in progress, with a checkpoint (:class:`StopSignals`, :class:`~attnzoo.common.Interrupted`).
 """
 from __future__ import annotations
 
