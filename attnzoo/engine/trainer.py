@@ -171,7 +171,7 @@ class Trainer:
         self.ema = ModelEmaV3(self.model, decay=args.ema_decay, use_warmup=True) if args.ema_decay else None
         self.step = self.epoch = self.start_batch = 0
         self.metrics: dict = {}
-        self.sums = _epoch_sums()  # this process's sums over the epoch so far (kept in mid-epoch checkpoints)
+        self.resumed_sums = [0.0, 0, 0, 0.0]  # the epoch's sums at a mid-epoch checkpoint (Trainer.train)
         self.named: set[str] = set()  # the unreadable files already named in the log
         random.seed(args.seed + run.rank)  # training randomness (dropout, mixup) differs across processes
         np.random.seed(args.seed + run.rank)
@@ -179,9 +179,10 @@ class Trainer:
 
     # -- checkpoints
 
-    def save(self, epoch: int, batch: int) -> None:
-        """Checkpoint the state after optimizer step ``self.step``; training continues at (epoch, batch)."""
-        gathered = self.run.gather((rng_state(), self.sums if batch else _epoch_sums()))
+    def save(self, epoch: int, batch: int, sums: list[float] | None = None) -> None:
+        """Checkpoint the state after optimizer step ``self.step``; training continues at (epoch, batch), with
+        this process's sums of the epoch so far (mid-epoch)."""
+        gathered = self.run.gather((rng_state(), sums or [0.0, 0, 0, 0.0]))
         if self.run.main:
             opt_tensors, opt_plain = split_optimizer_state(self.optimizer.state_dict())
             for rank, ((_, tensors), _) in enumerate(gathered):
@@ -215,7 +216,7 @@ class Trainer:
         self.step, self.epoch, self.start_batch = state["step"], state["epoch"], state["batch"]
         self.metrics = state["metrics"]
         if "epoch_sums" in state:  # (checkpoints written before the sums were kept: the row covers the rest)
-            self.sums = state["epoch_sums"][self.run.rank]
+            self.resumed_sums = state["epoch_sums"][self.run.rank]
         prefix = f"rng.{self.run.rank}."
         set_rng_state(state["rng"][self.run.rank],
                       {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -227,6 +228,10 @@ class Trainer:
     def train(self) -> None:
         """Run the loop to ``--max-steps`` or the last epoch. SIGINT/SIGTERM stop it after the step in progress,
         with a checkpoint: an :class:`~attnzoo.common.Interrupted` (the tools exit 130/143)."""
+        with StopSignals(self.run) as self.stop:
+            self._loop()
+
+    def _loop(self) -> None:
         args, run = self.args, self.run
         log = Log(self.output, run.main, resumed_step=self.step if args.resume else None, metric=self.task.metric)
         self.scheduler.step_update(self.step)
@@ -236,89 +241,79 @@ class Trainer:
         if self.step >= total_steps:
             run.log(f"nothing to do: the run is at step {self.step}, its end (--epochs {args.epochs}, --max-steps "
                     f"{args.max_steps}); resume with a larger --max-steps to go on")
-        net = self.ddp or self.model
-        with StopSignals(run) as stop:
-            while self.step < total_steps:
-                epoch, first = self.epoch, self.start_batch
-                self.train_loader.sampler.set_epoch(epoch, first)
-                self.task.set_epoch(epoch)
-                net.train()
-                if first == 0:
-                    self.sums = _epoch_sums()
-                sums, started = self.sums, time.perf_counter()
-                bar = tqdm(self.train_loader, total=self.batches, initial=first, disable=not run.main,
-                           desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True, leave=False)
-                for i, batch in enumerate(bar, start=first):
-                    sums["unreadable"] += self._name_unreadable(self.train_loader)
-                    batch = to_device(batch, run.device)
-                    n = batch_size(batch)
-                    group_start = i - i % args.accum_steps
-                    group_end = min(group_start + args.accum_steps, self.batches)
-                    update = i + 1 == group_end
-                    with (contextlib.nullcontext() if update or self.ddp is None else self.ddp.no_sync()):
-                        with run.autocast():
-                            loss = self.task.loss(net, batch)
-                        self.scaler.scale(loss / (group_end - group_start)).backward()
-                    sums["loss"], sums["seen"] = sums["loss"] + loss.item() * n, sums["seen"] + n
-                    if not update:
-                        continue
-                    if args.clip_grad:
-                        self.scaler.unscale_(self.optimizer)
-                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.step += 1
-                    self.scheduler.step_update(self.step)
-                    if self.ema is not None:
-                        self.ema.update(self.model, step=self.step)
-                    now = time.perf_counter()
-                    sums["seconds"], started = sums["seconds"] + now - started, now
-                    per_s = sums["seen"] * run.world / max(sums["seconds"], 1e-9)
-                    bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.3f}", lr=f"{self._lr():.2e}",
-                                    img_s=f"{per_s:.1f}")
-                    if i + 1 == self.batches or self.step == total_steps:
-                        break
-                    if signum := stop.requested():
-                        bar.close()
-                        self.save(epoch, i + 1)
-                        raise self._interrupted(signum)
-                    if args.checkpoint_every and self.step % args.checkpoint_every == 0:
-                        self.save(epoch, i + 1)
-                bar.close()
-                if i + 1 < self.batches:  # stopped by --max-steps inside the epoch
-                    self.save(epoch, i + 1)
-                    break
-                self._end_epoch(epoch, log)
-                if signum := stop.requested():
-                    raise self._interrupted(signum)
-        log.close()
 
-    def _end_epoch(self, epoch: int, log: Log) -> None:
-        """Validate, write the epoch's row of log.csv and checkpoint the start of the next epoch."""
-        run, sums = self.run, self.sums
-        self.model.eval()
-        self.val_loader.unreadable.clear()
-        val = self.task.evaluate(self.model, self.val_loader)
-        val_unreadable = self._name_unreadable(self.val_loader)
-        loss_sum, seen, unreadable, val_sum = run.all_sum(
-            [sums["loss"], sums["seen"], sums["unreadable"], val_unreadable])
-        if self.task.shard_val:  # else every process read the whole val split
-            val_unreadable = val_sum
-        seconds = sums["seconds"]
-        row = {"epoch": epoch + 1, "step": self.step, "lr": self._lr(), "train_loss": loss_sum / seen, **val,
-               "img_per_s": seen / seconds, "seconds": seconds,
-               "unreadable": int(unreadable), "val_unreadable": int(val_unreadable)}
-        if self.ema is not None:
-            self.ema.module.eval()
-            row.update({f"ema_{k}": v for k, v in self.task.evaluate(self.ema.module, self.val_loader).items()
-                        if not k.endswith("loss")})
-            self.val_loader.unreadable.clear()  # the same files again
-        self.metrics = row
-        log.write(row)
-        run.log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        self.epoch, self.start_batch = epoch + 1, 0
-        self.save(self.epoch, 0)
+        def sums() -> list[float]:  # the epoch's so far, for a mid-epoch checkpoint
+            return [loss_sum, seen, unreadable, before + time.perf_counter() - started]
+
+        net = self.ddp or self.model
+        while self.step < total_steps:
+            epoch, first = self.epoch, self.start_batch
+            self.train_loader.sampler.set_epoch(epoch, first)
+            self.task.set_epoch(epoch)
+            net.train()
+            # the epoch's sums (loss x samples, samples, replaced samples, seconds): the checkpoint's mid-epoch
+            loss_sum, seen, unreadable, before = self.resumed_sums if first else (0.0, 0, 0, 0.0)
+            started = time.perf_counter()
+            bar = tqdm(self.train_loader, total=self.batches, initial=first, disable=not run.main,
+                       desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True, leave=False)
+            for i, batch in enumerate(bar, start=first):
+                unreadable += self._name_unreadable(self.train_loader)
+                batch = to_device(batch, run.device)
+                n = batch_size(batch)
+                group_start = i - i % args.accum_steps
+                group_end = min(group_start + args.accum_steps, self.batches)
+                update = i + 1 == group_end
+                with (contextlib.nullcontext() if update or self.ddp is None else self.ddp.no_sync()):
+                    with run.autocast():
+                        loss = self.task.loss(net, batch)
+                    self.scaler.scale(loss / (group_end - group_start)).backward()
+                loss_sum, seen = loss_sum + loss.item() * n, seen + n
+                if not update:
+                    continue
+                if args.clip_grad:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.scheduler.step_update(self.step)
+                if self.ema is not None:
+                    self.ema.update(self.model, step=self.step)
+                per_s = seen * run.world / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{self._lr():.2e}", img_s=f"{per_s:.1f}")
+                if i + 1 == self.batches or self.step == total_steps:
+                    break
+                if signum := self.stop.requested():
+                    bar.close()
+                    self.save(epoch, i + 1, sums())
+                    raise self._interrupted(signum)
+                if args.checkpoint_every and self.step % args.checkpoint_every == 0:
+                    self.save(epoch, i + 1, sums())
+            bar.close()
+            if i + 1 < self.batches:  # stopped by --max-steps inside the epoch
+                self.save(epoch, i + 1, sums())
+                break
+            elapsed = before + time.perf_counter() - started
+            self.model.eval()
+            self.val_loader.unreadable.clear()
+            val = self.task.evaluate(self.model, self.val_loader)
+            row = {"epoch": epoch + 1, "step": self.step, "lr": self._lr(),
+                   "train_loss": run.all_sum([loss_sum])[0] / (seen * run.world), **val,
+                   "img_per_s": seen * run.world / elapsed, "seconds": elapsed}
+            row.update(self._unreadable_counts(unreadable))
+            if self.ema is not None:
+                self.ema.module.eval()
+                row.update({f"ema_{k}": v for k, v in self.task.evaluate(self.ema.module, self.val_loader).items()
+                            if not k.endswith("loss")})
+            self.metrics = row
+            log.write(row)
+            run.log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            self.epoch, self.start_batch = epoch + 1, 0
+            self.save(self.epoch, 0)
+            if self.step < total_steps and (signum := self.stop.requested()):
+                raise self._interrupted(signum)
+        log.close()
 
     def _name_unreadable(self, loader: SeededLoader) -> int:
         """How many samples ``loader`` replaced since the last call; each file is named the first time."""
@@ -330,6 +325,12 @@ class Trainer:
                 print(f"unreadable image{where}, replaced by another sample: {path}: {reason}", flush=True)
         return len(unreadable)
 
+    def _unreadable_counts(self, unreadable: int) -> dict[str, int]:
+        """log.csv's counts of the epoch: training samples replaced (``unreadable``, this process's), val ones."""
+        val = self._name_unreadable(self.val_loader)
+        train, val_sum = self.run.all_sum([unreadable, val])
+        return {"unreadable": int(train), "val_unreadable": int(val_sum if self.task.shard_val else val)}
+
     def _interrupted(self, signum: int) -> Interrupted:
         last = last_checkpoint(self.output)
         return Interrupted(signum, f"{signal.Signals(signum).name} after step {self.step}: checkpoint {last}; "
@@ -337,11 +338,6 @@ class Trainer:
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
-
-
-def _epoch_sums() -> dict[str, float]:
-    """The running sums of an epoch's log.csv row: loss x samples, samples, replaced samples, seconds."""
-    return {"loss": 0.0, "seen": 0, "unreadable": 0, "seconds": 0.0}
 
 
 def resolve_resume(args: argparse.Namespace,
