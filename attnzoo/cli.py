@@ -40,7 +40,7 @@ def exit_status(e: BaseException) -> tuple[int | None, str]:
     which raise :class:`InputError` naming the file; what reaches here as an ``OSError`` is the environment.
     """
     if isinstance(e, InputError):
-        return 2, f"error: {e}"
+        return 2, f"error: {_from_worker(str(e))}"
     if isinstance(e, MissingExtraError):
         return 1, f"error: {e}"
     if isinstance(e, Interrupted):
@@ -52,11 +52,20 @@ def exit_status(e: BaseException) -> tuple[int | None, str]:
     return None, ""
 
 
+def _from_worker(message: str) -> str:
+    """The message itself of an exception that torch's DataLoader re-raised from a worker process, whose text is
+    the worker's traceback ending in ``module.Class: message``; any other message as it is."""
+    if "Original Traceback (most recent call last)" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    name, _, text = last.partition(": ")
+    return text if text and " " not in name else last
+
+
 def _os_error(e: OSError) -> str:
     """``FILE: what happened (ERRNO)``, e.g. ``runs/x/log.csv: No space left on device (ENOSPC)``."""
     if e.errno is None:  # re-raised from a data-loader worker: the message is the worker's traceback
-        lines = str(e).strip().splitlines()
-        return lines[-1] if lines else type(e).__name__
+        return _from_worker(str(e)) or type(e).__name__
     what = f"{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)})"
     files = [f for f in (e.filename, e.filename2) if f is not None]
     hint = {errno.ENOSPC: ": free space or choose another folder",

@@ -269,9 +269,12 @@ def _raises(e: BaseException):
     (OSError(errno.EROFS, os.strerror(errno.EROFS), "/ro/run"), 1, "/ro/run: Read-only file system (EROFS)"),
     (PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/x/hub"), 1, "/x/hub: Permission denied (EACCES)"),
     (FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), "/gone"), 1, "/gone: No such file or directory"),
-    (FileNotFoundError("Caught FileNotFoundError in DataLoader worker process 0.\nTraceback (most recent call "
-                       "last):\n  ...\nFileNotFoundError: [Errno 2] No such file: 'coco/x.jpg'"), 1,
-     "t.py: error: FileNotFoundError: [Errno 2] No such file: 'coco/x.jpg'"),
+    (FileNotFoundError("Caught FileNotFoundError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                       "call last):\n  ...\nFileNotFoundError: [Errno 2] No such file: 'coco/x.jpg'"), 1,
+     "t.py: error: [Errno 2] No such file: 'coco/x.jpg'"),
+    (InputError("Caught InputError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+                "  ...\nattnzoo.common.InputError: 11 unreadable samples in a row, e.g. x.jpg"), 2,
+     "t.py: error: 11 unreadable samples in a row, e.g. x.jpg"),
     (InputError("bad thing"), 2, "t.py: error: bad thing"),
     (KeyboardInterrupt(), 130, "t.py: stopped: interrupted (SIGINT)"),
 ])
