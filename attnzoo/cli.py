@@ -70,7 +70,8 @@ def _os_error(e: OSError) -> str:
     files = [f for f in (e.filename, e.filename2) if f is not None]
     hint = {errno.ENOSPC: ": free space or choose another folder",
             errno.EROFS: ": the file system is read-only; choose another folder",
-            errno.EACCES: ": no permission; choose another folder"}.get(e.errno, "")
+            errno.EACCES: ": no permission; choose another folder",
+            errno.EEXIST: ": a file is where a folder is needed", errno.ENOTDIR: ": not a folder"}.get(e.errno, "")
     return f"{' -> '.join(map(str, files))}: {what}{hint}" if files else f"{what}{hint}"
 
 

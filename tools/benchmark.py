@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo  # (registers the models with timm)
+from attnzoo.cli import tool_main
 from attnzoo.common import atomic_write
 from attnzoo.kernels import use_backend
 
@@ -830,4 +831,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(tool_main("benchmark.py", main))
