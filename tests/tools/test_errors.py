@@ -122,9 +122,14 @@ def test_a_truncated_jpeg_is_decoded_named_counted_and_replaced(shapes, tmp_path
 
 
 def test_log_sums_survive_resume_and_changed_options_are_said(shapes, tmp_path, capsys):
-    """One epoch (5 steps) straight, and as 2 steps + a resume: the same log.csv row. The resume changes
-    --max-steps (allowed) and --lr (the run's own): one line each says which value is kept."""
-    common = [str(shapes), *TINY_DAVIT, *FAST, "--epochs", "2"]
+    """One epoch (5 steps) straight, and as 2 steps + a resume: the same log.csv row and weights, a truncated
+    image replaced alike. The resume changes --max-steps (allowed) and --lr (the run's own): one line each says
+    which value is kept."""
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    (data / "train" / "cross" / "cross_00001.png").unlink()
+    _truncated_jpeg(data / "train" / "cross" / "cut.jpg")  # in the epoch's 2nd batch: before the cut
+    common = [str(data), *TINY_DAVIT, *FAST, "--epochs", "2"]
     assert train.main([*common, "--output", str(tmp_path / "whole"), "--max-steps", "5"]) == 0
     assert train.main([*common, "--output", str(tmp_path / "cut"), "--max-steps", "2"]) == 0
     capsys.readouterr()
@@ -135,6 +140,7 @@ def test_log_sums_survive_resume_and_changed_options_are_said(shapes, tmp_path, 
                     "--max-steps, --workers, --checkpoint-every and DATA)",
                     "resume: --max-steps 5 from the command line (the run had 2)"]
     assert _rows(tmp_path / "whole") == _rows(tmp_path / "cut") and len(_rows(tmp_path / "cut")) == 1
+    assert _rows(tmp_path / "cut")[0]["unreadable"] == "1"
     a, b = _tensors(_checkpoint(tmp_path / "whole")), _tensors(_checkpoint(tmp_path / "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("model/"))
     # a resume without --max-steps keeps the run's 5: nothing left to do, and it says so
