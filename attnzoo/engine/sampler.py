@@ -108,7 +108,7 @@ def collate_with_unreadable(items: list[tuple[object, list]], collate: Callable 
 
 
 class SeededLoader(DataLoader):
-    """A ``DataLoader`` over :class:`SeededSamples` with :class:`collate_with_unreadable`: it yields the batches
+    """A ``DataLoader`` over :class:`SeededSamples` with :func:`collate_with_unreadable`: it yields the batches
     alone and appends the ``(path, reason)`` of each replaced sample to :attr:`unreadable`."""
 
     def __init__(self, *args, **kwargs):
