@@ -55,10 +55,10 @@ from .sampler import EpochSampler, SeededLoader, SeededSamples, collate_with_unr
 __all__ = ["RESUME_OVERRIDES", "StopSignals", "Trainer", "batch_size", "build_loaders", "resolve_resume",
            "resumed_options", "to_device", "train"]
 
-# options that a resumed run may change (when given on its command line): where the data and the run are, when
-# to stop, how to load and when to checkpoint. Every other one is the run's own (the model, the data order, the
-# schedule, which --epochs spans) and is taken from the checkpoint.
-RESUME_OVERRIDES = ("data", "output", "max_steps", "workers", "checkpoint_every")
+# options of the command line that a resumed run goes with (where the data and the run are, where this invocation
+# stops, how many loader processes); every other one is the run's own (the model, the data order, the schedule that
+# --epochs spans, the checkpoint interval) and is taken from the checkpoint
+RESUME_OVERRIDES = ("data", "output", "resume", "max_steps", "workers")
 
 B = TypeVar("B")
 
@@ -341,7 +341,7 @@ class Trainer:
 
 
 def resolve_resume(args: argparse.Namespace,
-                   given: Collection[str] | None = None) -> tuple[argparse.Namespace, Path | None]:
+                   given: Collection[str] = ()) -> tuple[argparse.Namespace, Path | None]:
     """The options a run goes with, and the checkpoint it resumes from: with ``--resume``, the checkpoint's
     options and those of the command line allowed to change (:func:`resumed_options`); without, an
     :class:`InputError` if ``--output`` holds a run."""
@@ -358,29 +358,30 @@ def resolve_resume(args: argparse.Namespace,
     return args, None
 
 
-def resumed_options(args: argparse.Namespace, saved: dict, given: Collection[str] | None = None) -> argparse.Namespace:
+def resumed_options(args: argparse.Namespace, saved: dict, given: Collection[str] = ()) -> argparse.Namespace:
     """The options of a resumed run: the ``saved`` ones (the checkpoint's), except those of
-    :data:`RESUME_OVERRIDES` that the command line ``given`` sets (by default: data and output). Each option given
-    with a value other than the run's is said in one line, with the value kept."""
-    given = {"data", "output"} if given is None else set(given) - {"resume"}
-    kept = {**vars(args), **saved, "resume": True}  # (options newer than the run: the command line's)
+    :data:`RESUME_OVERRIDES`, which are this command line's. Each difference that matters is said in one line: an
+    option of :data:`RESUME_OVERRIDES` whose value is not the run's (the new one is used), and an option that the
+    command line gives (``given``) but is the run's own (ignored)."""
+    kept = {**vars(args), **saved, **{k: getattr(args, k) for k in RESUME_OVERRIDES}}
     say = print if os.environ.get("RANK", "0") == "0" else lambda *_, **__: None
-    for key in sorted(given):
+    show = lambda value: "unset" if value is None else value
+    changeable = ", ".join("DATA" if k == "data" else "--" + k.replace("_", "-") for k in RESUME_OVERRIDES
+                           if k != "resume")
+    for key in sorted({*RESUME_OVERRIDES, *given} - {"resume"}):
         new, old = getattr(args, key), saved.get(key)
-        if new == old:
+        if new == old or key not in saved:  # the same, or an option newer than the run
             continue
         flag = "DATA" if key == "data" else "--" + key.replace("_", "-")
         if key in RESUME_OVERRIDES:
-            kept[key] = new
-            say(f"resume: {flag} {new} from the command line (the run had {old})", flush=True)
+            say(f"resume: {flag} {show(new)} from this command line (the run had {show(old)})", flush=True)
         else:
             say(f"resume: {flag} {new} ignored: the run's {old} is kept (a resumed run may change only "
-                f"{', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES if k != 'data')} and DATA)",
-                flush=True)
+                f"{changeable})", flush=True)
     return argparse.Namespace(**kept)
 
 
-def train(args: argparse.Namespace, given: Collection[str] | None = None) -> Path | None:
+def train(args: argparse.Namespace, given: Collection[str] = ()) -> Path | None:
     """Train (or, with ``--resume``, continue) the run ``args`` describe; returns its last checkpoint. ``given``:
     the options the command line set (:func:`attnzoo.cli.given_options`), which a resumed run compares with its
     own. The caller leaves the process group (:meth:`Run.close`) whatever happens."""

@@ -123,8 +123,8 @@ def test_a_truncated_jpeg_is_decoded_named_counted_and_replaced(shapes, tmp_path
 
 def test_log_sums_survive_resume_and_changed_options_are_said(shapes, tmp_path, capsys):
     """One epoch (5 steps) straight, and as 2 steps + a resume: the same log.csv row and weights, a truncated
-    image replaced alike. The resume changes --max-steps (allowed) and --lr (the run's own): one line each says
-    which value is kept."""
+    image replaced alike. The resume changes --max-steps (this command line's) and --lr (the run's own): one line
+    each says which value is kept."""
     data = tmp_path / "data"
     shutil.copytree(shapes, data)
     (data / "train" / "cross" / "cross_00001.png").unlink()
@@ -136,17 +136,20 @@ def test_log_sums_survive_resume_and_changed_options_are_said(shapes, tmp_path, 
     assert train.main([*common, "--output", str(tmp_path / "cut"), "--resume", "--max-steps", "5",
                        "--lr", "0.5"]) == 0
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume:")]
-    assert said == ["resume: --lr 0.5 ignored: the run's 0.001 is kept (a resumed run may change only --output, "
-                    "--max-steps, --workers, --checkpoint-every and DATA)",
-                    "resume: --max-steps 5 from the command line (the run had 2)"]
+    assert said == ["resume: --lr 0.5 ignored: the run's 0.001 is kept (a resumed run may change only DATA, "
+                    "--output, --max-steps, --workers)",
+                    "resume: --max-steps 5 from this command line (the run had 2)"]
     assert _rows(tmp_path / "whole") == _rows(tmp_path / "cut") and len(_rows(tmp_path / "cut")) == 1
     assert _rows(tmp_path / "cut")[0]["unreadable"] == "1"
     a, b = _tensors(_checkpoint(tmp_path / "whole")), _tensors(_checkpoint(tmp_path / "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("model/"))
-    # a resume without --max-steps keeps the run's 5: nothing left to do, and it says so
-    assert train.main([*common, "--output", str(tmp_path / "cut"), "--resume"]) == 0
+    # a resume without --max-steps goes on to the end of --epochs, and says so; again, there is nothing left
+    assert train.main([*common, "--output", str(tmp_path / "cut"), "--resume", "--epochs", "2"]) == 0
     out = capsys.readouterr().out
-    assert "resume:" not in out and "nothing to do: the run is at step 5" in out
+    assert "resume: --max-steps unset from this command line (the run had 5)" in out and "--epochs" not in out
+    assert json.loads((tmp_path / "cut" / "checkpoints" / "last.json").read_text())["step"] == 10
+    assert train.main([*common, "--output", str(tmp_path / "cut"), "--resume"]) == 0
+    assert "nothing to do: the run is at step 10" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
