@@ -18,20 +18,21 @@ from torch.utils.data import Dataset, default_collate
 
 from ..common import InputError, UnreadableSample
 
-__all__ = ["ImageFolder", "Readable", "class_names", "collate_readable", "image_folder"]
+__all__ = ["Readable", "StrictImageDataset", "class_names", "collate_readable", "image_folder"]
 
 
-class ImageFolder(ImageDataset):
-    """timm's ``ImageDataset`` over a folder, whose unreadable image raises :class:`UnreadableSample` (timm's own
-    logs a warning and silently returns the next index's image instead)."""
+class StrictImageDataset(ImageDataset):
+    """timm's ``ImageDataset`` (over any timm reader: a folder's, shards', a Hugging Face dataset's) whose
+    unreadable image raises :class:`UnreadableSample` naming it; timm's own logs a warning and silently returns
+    the next index's image instead."""
 
     def __getitem__(self, index: int):
-        path, target = self.reader.samples[index]
         try:
-            with Image.open(path) as image:
+            file, target = self.reader[index][:2]  # an open file (or bytes) and the label
+            with file, Image.open(file) as image:
                 img = image.convert(self.input_img_mode)  # decodes every pixel: a truncated file fails here
         except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError, ...) for a bad file
-            raise UnreadableSample(path, f"{type(e).__name__}: {e}") from None
+            raise UnreadableSample(self.reader.filename(index, absolute=True), f"{type(e).__name__}: {e}") from None
         if self.transform is not None:
             img = self.transform(img)
         if self.target_transform is not None:
@@ -40,8 +41,8 @@ class ImageFolder(ImageDataset):
 
 
 def image_folder(root: str | os.PathLike, split: str, class_to_idx: dict[str, int] | None = None,
-                 transform=None) -> ImageFolder:
-    """:class:`ImageFolder` over ``root/split``.
+                 transform=None) -> StrictImageDataset:
+    """:class:`StrictImageDataset` over ``root/split``.
 
     ``class_to_idx`` fixes the labels (pass the training split's, so val uses the same indices); by default the
     sorted sub-folder names. Raises :class:`InputError` when the folder is missing, has no image or has an empty
@@ -55,7 +56,7 @@ def image_folder(root: str | os.PathLike, split: str, class_to_idx: dict[str, in
         raise InputError(f"data folder {root} has no {split}/ sub-folder; expected an ImageNet-style folder: "
                          f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg")
     try:
-        dataset = ImageFolder(str(folder), class_map=class_to_idx or "", transform=transform)
+        dataset = StrictImageDataset(str(folder), class_map=class_to_idx or "", transform=transform)
     except RuntimeError:  # timm's reader found no file with an image extension
         raise InputError(f"{folder} has no images (expected one sub-folder per class holding "
                          f"{', '.join(get_img_extensions())} files)") from None
