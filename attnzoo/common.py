@@ -22,8 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["InputError", "MissingExtraError", "atomic_dir", "atomic_file", "atomic_write", "check_model_name",
-           "fsync_dir", "fsync_tree", "recover", "sha256_file", "verify_hub_folder"]
+__all__ = ["InputError", "Interrupted", "MissingExtraError", "UnreadableSample", "atomic_dir", "atomic_file",
+           "atomic_write", "check_model_name", "fsync_dir", "fsync_tree", "recover", "sha256_file",
+           "verify_hub_folder"]
 
 _SOURCES = ("hf-hub:", "local-dir:")
 
@@ -45,6 +46,31 @@ class MissingExtraError(ImportError):
                          f"pip install 'attnzoo[{extra}]'", name=missing)
 
 
+class UnreadableSample(Exception):
+    """A dataset's sample whose file cannot be read or decoded (a truncated JPEG, a file that is no image). The
+    training loader replaces it with another sample drawn from its seed and counts it
+    (:class:`attnzoo.engine.sampler.SeededSamples`); ``tools/eval.py`` leaves it out and counts it."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(str(path), reason)  # both in args: the exception pickles across loader workers
+        self.path, self.reason = str(path), reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT or SIGTERM once the step in progress had finished and a checkpoint was written;
+    the tools exit with 128 + the signal's number (130, 143)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(signum, message)
+        self.signum, self.message = signum, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def check_model_name(name: str) -> str:
     """``name`` if timm can build it (a registered model, ``hf-hub:`` or ``local-dir:``), else an InputError
     listing the closest registered names."""
@@ -55,8 +81,7 @@ def check_model_name(name: str) -> str:
             folder = Path(name[len("local-dir:"):])
             if not folder.exists():
                 recover(folder.parent, folder.name)  # a replace that a kill interrupted
-            if not (folder / "config.json").is_file():
-                raise InputError(f"model {name!r}: no config.json in that folder (expected timm's Hub layout)")
+            _check_hub_folder(name, folder)
             verify_hub_folder(folder)
         return name
     if timm.is_model(name.split(".")[0]):  # "arch" or "arch.tag"
@@ -90,6 +115,32 @@ def verify_hub_folder(folder: str | os.PathLike) -> None:
             raise InputError(f"{path} is missing (its config.json records its sha256)")
         if sha256_file(path) != digest:
             raise InputError(f"{path} is corrupt: its sha256 differs from the one {folder / 'config.json'} records")
+
+
+def _check_hub_folder(name: str, folder: Path) -> None:
+    """An InputError naming the file unless ``folder`` is a Hub folder timm can load: a config.json that parses
+    and names a registered architecture, and weights whose safetensors header is whole (read without the data)."""
+    import json
+
+    import timm
+    from safetensors import SafetensorError, safe_open
+
+    config = folder / "config.json"
+    if not config.is_file():
+        raise InputError(f"model {name!r}: no config.json in that folder (expected timm's Hub layout)")
+    try:
+        architecture = json.loads(config.read_text(encoding="utf-8")).get("architecture")
+    except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
+        raise InputError(f"{config} is corrupt (not a JSON object: {e})") from None
+    if not isinstance(architecture, str) or not timm.is_model(architecture):
+        raise InputError(f"{config}: architecture {architecture!r} is not registered with timm (nor attnzoo)")
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        try:
+            with safe_open(weights, "pt"):
+                pass
+        except SafetensorError as e:
+            raise InputError(f"{weights} is corrupt (not a readable safetensors file: {e})") from None
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes

@@ -13,11 +13,13 @@ import json
 import os
 import pickle
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import timm
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.models._hub import generate_readme, save_for_hf
 
@@ -40,11 +42,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
         verify_checkpoint(path.parent, [path.name])
     if path.suffix == ".safetensors":
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as e:  # truncated, or a header that is not safetensors'
+            raise InputError(f"checkpoint {path} is not a readable safetensors file: {e}") from None
     try:
         checkpoint = read_training_checkpoint(path)
-    except pickle.UnpicklingError as e:
-        raise InputError(f"checkpoint {path} cannot be read with torch.load(weights_only=True): {e}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        # refused by the weights-only unpickler, a truncated zip (RuntimeError), a file that is no torch.save
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"checkpoint {path} cannot be read with torch.load(weights_only=True): {reason}") from None
     if not isinstance(checkpoint, dict):
         raise InputError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state_dict")
     try:

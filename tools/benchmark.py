@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo  # (registers the models with timm)
+from attnzoo.cli import tool_main
 from attnzoo.common import atomic_write
 from attnzoo.kernels import use_backend
 
@@ -685,7 +686,7 @@ def bench_loader(folder: Path, device, batch: int, workers: int, batches: int, b
                               workers=workers, prefetch_factor=2, seed=0, data=str(folder))
     config = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN,
               "std": IMAGENET_DEFAULT_STD}
-    dataset, _ = image_folder(folder, "train", transform=train_transform(args, config))
+    dataset = image_folder(folder, "train", transform=train_transform(args, config))
     needed = (batches + 1) * batch
     row = Row("loader", "train loader", f"{folder.name}: {len(dataset)} images, {workers} workers, batch {batch}",
               "train")
@@ -697,7 +698,7 @@ def bench_loader(folder: Path, device, batch: int, workers: int, batches: int, b
     ours, _ = build_loaders(Run("none"), task, args, dataset, dataset)
     ours.sampler.set_epoch(0)
     theirs = create_loader(
-        image_folder(folder, "train")[0], input_size=config["input_size"], batch_size=batch, is_training=True,
+        image_folder(folder, "train"), input_size=config["input_size"], batch_size=batch, is_training=True,
         use_prefetcher=device.type == "cuda", re_prob=args.reprob, scale=args.scale, auto_augment=args.aa,
         interpolation="bicubic", mean=config["mean"], std=config["std"], num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0, device=device)
@@ -937,4 +938,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(tool_main("benchmark.py", main))

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 import attnzoo  # noqa: F401  (registers attnzoo's models with timm)
 from attnzoo.cli import add_config_arguments, at_least, tool_main
 from attnzoo.common import InputError, atomic_write
-from attnzoo.data import class_names, image_folder
+from attnzoo.data import Readable, class_names, collate_readable, image_folder
 from attnzoo.hub import create_model, load_weights
 from attnzoo.tasks import data_config
 
@@ -93,12 +93,20 @@ def _name(model: torch.nn.Module) -> str:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """Over a loader of :func:`attnzoo.data.collate_readable` batches; an unreadable image is named, counted
+    (``skipped``) and left out."""
     model.eval()
     hits1 = hits5 = n = 0
+    skipped: list[str] = []
     model_seconds, warmup = 0.0, 1 if len(loader) > 1 else 0  # the first batch pays for one-off set-up
     started = time.perf_counter()
-    for i, (x, y) in enumerate(loader):
-        x, y = x.to(device), y.to(device)
+    for i, (batch, unreadable) in enumerate(loader):
+        for e in unreadable:
+            print(f"unreadable image, left out: {e}", flush=True)
+        skipped += [e.path for e in unreadable]
+        if batch is None:
+            continue
+        x, y = (t.to(device) for t in batch)
         t = time.perf_counter()
         out = model(x)
         if device.type == "cuda":
@@ -107,8 +115,10 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device) -
             model_seconds += time.perf_counter() - t
         top1, top5 = accuracy(out, y, topk=(1, 5))
         hits1, hits5, n = hits1 + top1.item() * len(y) / 100, hits5 + top5.item() * len(y) / 100, n + len(y)
+    if not n:
+        raise InputError(f"no readable image to evaluate ({len(skipped)} unreadable, e.g. {skipped[0]})")
     timed = n - warmup * loader.batch_size
-    return {"images": n, "top1": 100 * hits1 / n, "top5": 100 * hits5 / n,
+    return {"images": n, "skipped": len(skipped), "top1": 100 * hits1 / n, "top5": 100 * hits5 / n,
             "model_img_per_s": timed / model_seconds if model_seconds else float("nan"),
             "loop_img_per_s": n / (time.perf_counter() - started)}
 
@@ -131,18 +141,16 @@ def evaluate_config(argv: list[str]) -> None:
 
 
 def evaluate_classifier(args: argparse.Namespace) -> None:
-    dataset, skipped = image_folder(args.data, args.split)
+    dataset = image_folder(args.data, args.split)
     model = build_model(args, len(class_names(dataset)))
     mapping = label_map(model, class_names(dataset))
     if mapping is not None:
-        dataset, skipped = image_folder(args.data, args.split, class_to_idx=mapping)
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
+        dataset = image_folder(args.data, args.split, class_to_idx=mapping)
     dataset.transform = create_transform(**data_config(args, model), is_training=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                        pin_memory=device.type == "cuda")
-    _write({"model": args.model, "data": str(Path(args.data) / args.split), "skipped": len(skipped),
+    loader = DataLoader(Readable(dataset), batch_size=args.batch_size, num_workers=args.workers,
+                        pin_memory=device.type == "cuda", collate_fn=collate_readable)
+    _write({"model": args.model, "data": str(Path(args.data) / args.split),
             **evaluate(model.to(device), loader, device)}, args.out)
 
 

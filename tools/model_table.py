@@ -15,6 +15,7 @@ from pathlib import Path
 import timm
 
 import attnzoo  # noqa: F401  (registers the models)
+from attnzoo.cli import tool_main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- models:start -->", "<!-- models:end -->"
@@ -68,4 +69,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(tool_main("model_table.py", main))

@@ -15,6 +15,7 @@ predictions as the checkpoint's, on the run's own val images when they are still
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from timm.data import create_transform
 
 import attnzoo  # noqa: F401  (registers attnzoo's models with timm)
 from attnzoo.cli import tool_main
-from attnzoo.common import InputError
+from attnzoo.common import InputError, UnreadableSample
 from attnzoo.data import image_folder
 from attnzoo.engine import find_checkpoint, read_state, task_state, verify_checkpoint
 from attnzoo.hub import create_model, load_weights, save_hub_folder
@@ -44,14 +45,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def sample_inputs(data: str, config: dict, n: int = 16) -> torch.Tensor:
-    """The first ``n`` val images of the run's ``data``, transformed as eval does; random images if the data is
-    gone."""
+    """``n`` val images of the run's ``data`` spread over the split (the readable ones), transformed as eval
+    does; random images if the data is gone."""
+    images = []
     try:
-        dataset, _ = image_folder(data, "val",
-                                  transform=create_transform(**config, is_training=False))
-        return torch.stack([dataset[i][0] for i in range(0, len(dataset), max(1, len(dataset) // n))][:n])
+        dataset = image_folder(data, "val", transform=create_transform(**config, is_training=False))
     except InputError:
+        dataset = []
+    for i in range(0, len(dataset), max(1, len(dataset) // n)):
+        with contextlib.suppress(UnreadableSample):
+            images.append(dataset[i][0])
+    if not images:
         return torch.randn(n, *config["input_size"], generator=torch.Generator().manual_seed(0))
+    return torch.stack(images[:n])
 
 
 def publish(checkpoint: Path, out: Path, ema: bool = False, overwrite: bool = False,

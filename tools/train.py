@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 import attnzoo  # noqa: F401  (registers attnzoo's models with timm)
-from attnzoo.cli import add_config_arguments, at_least, fraction, tool_main
+from attnzoo.cli import add_config_arguments, at_least, fraction, given_options, tool_main
 from attnzoo.engine import AMP_CHOICES, Run, train
 from attnzoo.engine.trainer import SCHEDULES
 from attnzoo.tasks import TASKS, get_task
@@ -75,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options; ``--config FILE`` (timm's format: a YAML mapping of option names, ``batch_size: 128``) sets
     defaults that the command line overrides."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    return parser(argv).parse_args(argv)
+
+
+def parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The options of tools/train.py, with those of the task ``argv`` names; ``--config FILE`` (timm's format: a
+    YAML mapping of option names, ``batch_size: 128``) sets defaults that the command line overrides."""
     config_file, config, task = _pre_parse(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("data", help="the task's data (classification: an ImageNet-style folder with train/ and val/, "
@@ -141,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             choices = ", ".join(map(str, actions[key].choices))
             p.error(f"--config {config_file}: {key} {value!r}: choose one of {choices}")
     p.set_defaults(**config)
-    return p.parse_args(argv)
+    return p
 
 
 def parse_config_args(argv: list[str]) -> argparse.Namespace:
@@ -169,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return tool_main("train.py", train_config, cleanup=Run.close)
 
-    args = parse_args(argv)
-    return tool_main("train.py", lambda: train(args), cleanup=Run.close)
+    p = parser(argv)
+    args = p.parse_args(argv)
+    return tool_main("train.py", lambda: train(args, given_options(p, argv)), cleanup=Run.close)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ import io
 import os
 from pathlib import Path
 
-from timm.data import ImageDataset
 from timm.data.readers.reader import Reader
 
 from ..common import InputError, MissingExtraError
+from .folder import StrictImageDataset
 
 __all__ = ["HF_PREFIX", "HfReader", "hf_dataset", "is_hf"]
 
@@ -68,7 +68,7 @@ class HfReader(Reader):
             raise InputError(f"{data}: expected an Image column and a ClassLabel column, found "
                              f"{', '.join(f'{k} ({type(f).__name__})' for k, f in features.items())}")
         self.image_key, self.label_key = images[0], labels[0]
-        # the image undecoded: bytes (or a path), opened by timm's ImageDataset like a file
+        # the image undecoded: bytes (or a path), opened by the dataset like a file
         self.dataset = dataset.cast_column(self.image_key, datasets.Image(decode=False))
         self.class_to_idx = {name: i for i, name in enumerate(features[self.label_key].names)}
 
@@ -84,12 +84,13 @@ class HfReader(Reader):
         return self.dataset[index][self.image_key].get("path") or f"{self.label_key}[{index}]"
 
 
-def hf_dataset(data: str | os.PathLike, split: str, transform=None) -> ImageDataset:
-    """timm's ``ImageDataset`` over split ``split`` (``train``/``val``) of ``data`` (see the module)."""
+def hf_dataset(data: str | os.PathLike, split: str, transform=None) -> StrictImageDataset:
+    """:class:`~attnzoo.data.StrictImageDataset` (an unreadable image is named and replaced) over split
+    ``split`` (``train``/``val``) of ``data`` (see the module)."""
     data = str(data)
     splits = _load(data)
     names = SPLIT_NAMES.get(split, (split,))
     name = next((n for n in names if n in splits), None)
     if name is None:
         raise InputError(f"{data}: no {' or '.join(names)} split (it has: {', '.join(splits) or 'none'})")
-    return ImageDataset(data, reader=HfReader(splits[name], data), transform=transform)
+    return StrictImageDataset(data, reader=HfReader(splits[name], data), transform=transform)

@@ -23,10 +23,10 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-from timm.data import ImageDataset
 from timm.data.readers.reader import Reader
 
 from ..common import InputError, atomic_file
+from .folder import StrictImageDataset
 
 __all__ = ["INFO", "WdsReader", "is_wds", "wds_dataset"]
 
@@ -160,9 +160,10 @@ class WdsReader(Reader):
         return str(self.root / name) if absolute else name
 
 
-def wds_dataset(root: str | os.PathLike, split: str, transform=None) -> ImageDataset:
-    """timm's ``ImageDataset`` over :class:`WdsReader` (``dataset.reader.class_to_idx`` like a folder's)."""
+def wds_dataset(root: str | os.PathLike, split: str, transform=None) -> StrictImageDataset:
+    """:class:`~attnzoo.data.StrictImageDataset` (an unreadable image is named and replaced) over
+    :class:`WdsReader` (``dataset.reader.class_to_idx`` like a folder's)."""
     reader = WdsReader(root, split)
     if not len(reader):
         raise InputError(f"{Path(root) / INFO}: the {split} split has no samples")
-    return ImageDataset(str(root), reader=reader, transform=transform)
+    return StrictImageDataset(str(root), reader=reader, transform=transform)

@@ -34,6 +34,7 @@ from numpy), and an epoch-based run resumed mid-epoch (mmengine resumes those at
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -228,6 +229,21 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+@contextlib.contextmanager
+def _missing_images_are_bad_input():
+    """An image that an annotation file names but the folder lacks is an InputError naming it. mmcv's loader
+    raises FileNotFoundError for it; from a loader worker it comes back with the worker's traceback as its text."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        found = re.findall(r"No such file or directory: '([^']+)'", str(e))
+        path = e.filename or (found[-1] if found else None)
+        if path is None or not str(path).lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")):
+            raise
+        raise InputError(f"image {path} does not exist, yet the annotation file names it (check --data-root and "
+                         "the config's data_prefix)") from None
+
+
 def _build_runner(cfg):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
@@ -263,7 +279,8 @@ def train(args: argparse.Namespace) -> Path | None:
         cfg.auto_scale_lr.enable = True
     cfg.resume, cfg.load_from = args.resume, str(checkpoint) if args.resume else None
     runner = _build_runner(cfg)
-    runner.train()
+    with _missing_images_are_bad_input():
+        runner.train()
     return latest_checkpoint(work_dir)
 
 
@@ -290,4 +307,5 @@ def test(args: argparse.Namespace) -> dict[str, float]:
     except Exception as e:  # not a torch file, or one that pickles more than weights_only allows
         raise InputError(f"checkpoint {checkpoint} cannot be loaded with torch.load(weights_only=True): "
                          f"{type(e).__name__}: {e}") from None
-    return runner.test()
+    with _missing_images_are_bad_input():
+        return runner.test()

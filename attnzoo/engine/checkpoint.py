@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..common import InputError, atomic_dir, atomic_write, sha256_file
@@ -205,7 +206,13 @@ def resume_checkpoint(output: Path, warn: Callable[[str], None], main: bool = Tr
 
 def read_tensors(folder: Path, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of ``<name>.safetensors`` in checkpoint ``folder``."""
-    return load_file(folder / f"{name}.safetensors", device=str(device))
+    path = folder / f"{name}.safetensors"
+    if not path.is_file():
+        raise InputError(f"checkpoint {folder} has no {path.name}")
+    try:
+        return load_file(path, device=str(device))
+    except SafetensorError as e:
+        raise InputError(f"{path} is corrupt (not a readable safetensors file: {e})") from None
 
 
 def task_state(state: dict) -> tuple[str, dict]:

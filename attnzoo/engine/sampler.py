@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-__all__ = ["EpochSampler", "SeededSamples", "seeded"]
+from ..common import InputError, UnreadableSample
+
+__all__ = ["EpochSampler", "SeededLoader", "SeededSamples", "collate_with_unreadable", "seeded"]
 
 
 class EpochSampler(Sampler):
@@ -66,7 +68,15 @@ def seeded(seed: int) -> Iterator[None]:
 
 class SeededSamples(Dataset):
     """Loads ``(index, seed)`` from :class:`EpochSampler` with the random transforms drawing from ``seed``: the
-    same sample gets the same augmentation whatever the process, worker or resumption point."""
+    same sample gets the same augmentation whatever the process, worker or resumption point.
+
+    Each item is ``(sample, unreadable)``. A sample whose file cannot be read (the dataset raises
+    :class:`~attnzoo.common.UnreadableSample`) is replaced by another index drawn from its seed, so a resumed run
+    replaces it with the same one; ``unreadable`` lists the ``(path, reason)`` of each sample replaced
+    (:func:`collate_with_unreadable` gathers them per batch).
+    """
+
+    max_replacements = 10  # then the data is mostly unreadable: an InputError
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -76,5 +86,36 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        with seeded(seed):
-            return self.dataset[index]
+        unreadable: list[tuple[str, str]] = []
+        tried = {index}
+        while len(unreadable) <= self.max_replacements:
+            try:
+                with seeded(seed):
+                    return self.dataset[index], unreadable
+            except UnreadableSample as e:
+                unreadable.append((e.path, e.reason))
+            while index in tried and len(tried) < len(self.dataset):  # another index, drawn from the seed
+                seed = int(np.random.SeedSequence([seed, len(unreadable)]).generate_state(1)[0])
+                index = seed % len(self.dataset)
+            tried.add(index)
+        raise InputError(f"{len(unreadable)} unreadable samples in a row, e.g. {unreadable[0][0]} "
+                         f"({unreadable[0][1]}): is the data folder damaged?")
+
+
+def collate_with_unreadable(items: list[tuple[object, list]], collate: Callable = default_collate):
+    """The loader's collate for :class:`SeededSamples`: ``(collate(samples), unreadable of the batch)``."""
+    return collate([sample for sample, _ in items]), [u for _, bad in items for u in bad]
+
+
+class SeededLoader(DataLoader):
+    """A ``DataLoader`` over :class:`SeededSamples` with :func:`collate_with_unreadable`: it yields the batches
+    alone and appends the ``(path, reason)`` of each replaced sample to :attr:`unreadable`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unreadable: list[tuple[str, str]] = []
+
+    def __iter__(self):
+        for batch, unreadable in super().__iter__():
+            self.unreadable.extend(unreadable)
+            yield batch

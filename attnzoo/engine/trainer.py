@@ -6,16 +6,26 @@ resumption and the throughput in the log (images/s, the share of time waiting fo
 Resuming is exact: the data order is a function of (seed, epoch) (:class:`~attnzoo.engine.sampler.EpochSampler`),
 each sample's augmentation draws from a generator seeded by (seed, epoch, index)
 (:class:`~attnzoo.engine.sampler.SeededSamples`), and the python/numpy/torch RNG states of every process are in
-the checkpoint, so a killed and resumed run reaches the same weights at step N as an uninterrupted one.
+the checkpoint, so a killed and resumed run reaches the same weights at step N as an uninterrupted one. A
+mid-epoch checkpoint also keeps the epoch's running sums, so the resumed epoch's log.csv row is the same too.
+
+A sample whose file cannot be decoded is replaced by another drawn from its seed (the same on resume), named once
+in the output and counted in log.csv (``unreadable``, ``val_unreadable``). SIGINT or SIGTERM stops the loop after
+the step in progress, with a checkpoint (:class:`StopSignals`, :class:`~attnzoo.common.Interrupted`).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,10 +35,10 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from ..common import InputError
+from ..common import InputError, Interrupted
 from ..tasks import Task, get_task
 from .checkpoint import (
     join_optimizer_state,
@@ -43,12 +53,14 @@ from .checkpoint import (
 )
 from .log import Log, Throughput
 from .run import Run, output_lock
-from .sampler import EpochSampler, SeededSamples
+from .sampler import EpochSampler, SeededLoader, SeededSamples, collate_with_unreadable
 
-__all__ = ["RESUME_OVERRIDES", "SCHEDULES", "Trainer", "batch_size", "build_loaders", "resolve_resume",
-           "speed_switches", "to_device", "train"]
+__all__ = ["RESUME_OVERRIDES", "SCHEDULES", "StopSignals", "Trainer", "batch_size", "build_loaders",
+           "resolve_resume", "resumed_options", "speed_switches", "to_device", "train"]
 
-# options that a resumed run may change; every other one is taken from the checkpoint
+# options of the command line that a resumed run goes with (where the data and the run are, where this invocation
+# stops, how the loader and the log run); every other one is the run's own (the model, the data order, the
+# schedule that --epochs spans, the checkpoint interval) and is taken from the checkpoint
 RESUME_OVERRIDES = ("data", "output", "resume", "max_steps", "workers", "prefetch_factor", "log_interval")
 # timm's fixed schedules (create_scheduler_v2); its plateau scheduler is left out: timm deprecates it because its
 # metric-driven state is not checkpointed, so a resumed run could not be exact
@@ -90,10 +102,11 @@ def build_loaders(run: Run, task: Task, args: argparse.Namespace, train_set: Dat
         rank, world = (run.rank, run.world) if train or task.shard_val else (0, 1)
         sampler = EpochSampler(len(dataset), args.batch_size, rank, world, args.seed, train)
         workers = dict(persistent_workers=True, prefetch_factor=args.prefetch_factor) if args.workers else {}
-        loaders.append(DataLoader(  # persistent workers: spawned once, not at every epoch
+        loaders.append(SeededLoader(  # persistent workers: spawned once, not at every epoch
             SeededSamples(dataset), batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
             pin_memory=run.device.type == "cuda", generator=torch.Generator().manual_seed(args.seed),
-            collate_fn=task.collate_fn, **workers,
+            collate_fn=functools.partial(collate_with_unreadable, collate=task.collate_fn or default_collate),
+            worker_init_fn=_leave_signals_to_the_trainer, **workers,
         ))
     return loaders[0], loaders[1]
 
@@ -113,6 +126,49 @@ def speed_switches(model: torch.nn.Module, args: argparse.Namespace, run: Run) -
             raise InputError("--sync-bn needs CUDA devices (torch's SyncBatchNorm does not sync CPU tensors)")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def _leave_signals_to_the_trainer(worker: int) -> None:
+    """In a loader worker: Ctrl-C (sent to the whole process group) and SIGTERM are the trainer's to handle
+    (:class:`StopSignals`); a worker that died of them would fail the step the trainer is finishing."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class StopSignals:
+    """Inside the block, SIGINT and SIGTERM ask the loop to stop (:attr:`signum`) instead of killing it; the first
+    one puts the previous handlers back, so a second one stops the process at once (checkpoints are atomic)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, run: Run):
+        self.run, self.signum, self.previous = run, 0, {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+        self._restore()
+        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (again to stop now)",
+              file=sys.stderr, flush=True)
+
+    def requested(self) -> int:
+        """The signal every process stops for (0: go on); all processes agree, so they checkpoint together."""
+        if self.run.world == 1:
+            return self.signum
+        counts = self.run.all_sum([float(self.signum == s) for s in self.SIGNALS])
+        return next((int(s) for s, n in zip(self.SIGNALS, counts, strict=True) if n), 0)
 
 
 class Trainer:
@@ -149,24 +205,28 @@ class Trainer:
         self.ema = ModelEmaV3(self.model, decay=args.ema_decay, use_warmup=True) if args.ema_decay else None
         self.step = self.epoch = self.start_batch = 0
         self.metrics: dict = {}
+        self.resumed_sums = [0.0, 0, 0, 0.0]  # the epoch's sums at a mid-epoch checkpoint (Trainer.train)
+        self.named: set[str] = set()  # the unreadable files already named in the log
         random.seed(args.seed + run.rank)  # training randomness (dropout, mixup) differs across processes
         np.random.seed(args.seed + run.rank)
         torch.manual_seed(args.seed + run.rank)
 
     # -- checkpoints
 
-    def save(self, epoch: int, batch: int) -> None:
-        """Checkpoint the state after optimizer step ``self.step``; training continues at (epoch, batch)."""
-        gathered = self.run.gather(rng_state())
+    def save(self, epoch: int, batch: int, sums: list[float] | None = None) -> None:
+        """Checkpoint the state after optimizer step ``self.step``; training continues at (epoch, batch), with
+        this process's sums of the epoch so far (mid-epoch)."""
+        gathered = self.run.gather((rng_state(), sums or [0.0, 0, 0, 0.0]))
         if self.run.main:
             opt_tensors, opt_plain = split_optimizer_state(self.optimizer.state_dict())
-            for rank, (_, tensors) in enumerate(gathered):
+            for rank, ((_, tensors), _) in enumerate(gathered):
                 opt_tensors.update({f"rng.{rank}.{k}": v.cpu() for k, v in tensors.items()})
             state = {
                 "step": self.step, "epoch": epoch, "batch": batch, "world_size": self.run.world,
                 "args": vars(self.args), self.task.name: self.task.state(), "optimizer": opt_plain,
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": [plain for plain, _ in gathered], "metrics": self.metrics,
+                "rng": [plain for (plain, _), _ in gathered], "metrics": self.metrics,
+                "epoch_sums": [sums for _, sums in gathered],  # each process's, for the epoch's log.csv row
             }
             tensors = {"model": self.model.state_dict()}
             if self.ema is not None:
@@ -191,6 +251,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.start_batch = state["step"], state["epoch"], state["batch"]
         self.metrics = state["metrics"]
+        if "epoch_sums" in state:  # (checkpoints written before the sums were kept: the row covers the rest)
+            self.resumed_sums = state["epoch_sums"][self.run.rank]
         prefix = f"rng.{self.run.rank}."
         set_rng_state(state["rng"][self.run.rank],
                       {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -200,23 +262,39 @@ class Trainer:
     # -- the loop
 
     def train(self) -> None:
+        """Run the loop to ``--max-steps`` or the last epoch. SIGINT/SIGTERM stop it after the step in progress,
+        with a checkpoint: an :class:`~attnzoo.common.Interrupted` (the tools exit 130/143)."""
+        with StopSignals(self.run) as self.stop:
+            self._loop()
+
+    def _loop(self) -> None:
         args, run = self.args, self.run
         log = Log(self.output, run.main, resumed_step=self.step if args.resume else None, metric=self.task.metric)
         self.scheduler.step_update(self.step)
         total_steps = args.epochs * self.steps_per_epoch
         if args.max_steps is not None:
             total_steps = min(total_steps, args.max_steps)
+        if self.step >= total_steps:
+            run.log(f"nothing to do: the run is at step {self.step}, its end (--epochs {args.epochs}, --max-steps "
+                    f"{args.max_steps}); resume with a larger --max-steps to go on")
+
+        def sums() -> list[float]:  # the epoch's so far, for a mid-epoch checkpoint
+            return [loss_sum, seen, unreadable, before + time.perf_counter() - started]
+
         net = self.net
         while self.step < total_steps:
             epoch, first = self.epoch, self.start_batch
             self.train_loader.sampler.set_epoch(epoch, first)
             self.task.set_epoch(epoch)
             net.train()
-            loss_sum, seen, started = 0.0, 0, time.perf_counter()
+            # the epoch's sums (loss x samples, samples, replaced samples, seconds): the checkpoint's mid-epoch
+            loss_sum, seen, unreadable, before = self.resumed_sums if first else (0.0, 0, 0, 0.0)
+            started = time.perf_counter()
             bar = tqdm(self.train_loader, total=self.batches, initial=first, disable=not run.main,
                        desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True, leave=False)
             epoch_meter, meter = Throughput(), Throughput()  # the epoch's, the log interval's
             for i, batch in enumerate(epoch_meter.timed(meter.timed(bar)), start=first):
+                unreadable += self._name_unreadable(self.train_loader)
                 batch = to_device(batch, run.device, args.channels_last)
                 n = batch_size(batch)
                 meter.images, epoch_meter.images = meter.images + n, epoch_meter.images + n
@@ -251,18 +329,24 @@ class Trainer:
                     meter.reset()
                 if i + 1 == self.batches or self.step == total_steps:
                     break
+                if signum := self.stop.requested():
+                    bar.close()
+                    self.save(epoch, i + 1, sums())
+                    raise self._interrupted(signum)
                 if args.checkpoint_every and self.step % args.checkpoint_every == 0:
-                    self.save(epoch, i + 1)
+                    self.save(epoch, i + 1, sums())
             bar.close()
             if i + 1 < self.batches:  # stopped by --max-steps inside the epoch
-                self.save(epoch, i + 1)
+                self.save(epoch, i + 1, sums())
                 break
-            elapsed, speed = time.perf_counter() - started, epoch_meter.report(run.world)
+            elapsed, speed = before + time.perf_counter() - started, epoch_meter.report(run.world)
             self.model.eval()
+            self.val_loader.unreadable.clear()
             val = self.task.evaluate(self.model, self.val_loader)
             row = {"epoch": epoch + 1, "step": self.step, "lr": self._lr(),
                    "train_loss": run.all_sum([loss_sum])[0] / (seen * run.world), **val,
                    **speed, "seconds": elapsed}
+            row.update(self._unreadable_counts(unreadable))
             if self.ema is not None:
                 self.ema.module.eval()
                 row.update({f"ema_{k}": v for k, v in self.task.evaluate(self.ema.module, self.val_loader).items()
@@ -272,15 +356,40 @@ class Trainer:
             run.log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
             self.epoch, self.start_batch = epoch + 1, 0
             self.save(self.epoch, 0)
+            if self.step < total_steps and (signum := self.stop.requested()):
+                raise self._interrupted(signum)
         log.close()
+
+    def _name_unreadable(self, loader: SeededLoader) -> int:
+        """How many samples ``loader`` replaced since the last call; each file is named the first time."""
+        unreadable, loader.unreadable[:] = list(loader.unreadable), []
+        for path, reason in unreadable:
+            if path not in self.named:
+                self.named.add(path)
+                where = f" (rank {self.run.rank})" if self.run.world > 1 else ""
+                print(f"unreadable image{where}, replaced by another sample: {path}: {reason}", flush=True)
+        return len(unreadable)
+
+    def _unreadable_counts(self, unreadable: int) -> dict[str, int]:
+        """log.csv's counts of the epoch: training samples replaced (``unreadable``, this process's), val ones."""
+        val = self._name_unreadable(self.val_loader)
+        train, val_sum = self.run.all_sum([unreadable, val])
+        return {"unreadable": int(train), "val_unreadable": int(val_sum if self.task.shard_val else val)}
+
+    def _interrupted(self, signum: int) -> Interrupted:
+        last = last_checkpoint(self.output)
+        return Interrupted(signum, f"{signal.Signals(signum).name} after step {self.step}: checkpoint {last}; "
+                                   f"continue with --resume --output {self.output}")
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
 
-def resolve_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, Path | None]:
+def resolve_resume(args: argparse.Namespace,
+                   given: Collection[str] = ()) -> tuple[argparse.Namespace, Path | None]:
     """The options a run goes with, and the checkpoint it resumes from: with ``--resume``, the checkpoint's
-    options except :data:`RESUME_OVERRIDES`; without, an :class:`InputError` if ``--output`` holds a run."""
+    options and those of the command line allowed to change (:func:`resumed_options`); without, an
+    :class:`InputError` if ``--output`` holds a run."""
     output = Path(args.output)
     if args.resume:
         main = int(os.environ.get("RANK", "0")) == 0
@@ -288,9 +397,7 @@ def resolve_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, Path |
         if checkpoint is None:
             raise InputError(f"--resume: no checkpoint in {output}/checkpoints to resume from")
         saved = read_state(checkpoint)["args"]
-        # an option the checkpoint's run did not have (an older attnzoo) takes this command's value
-        return argparse.Namespace(**{**vars(args), **saved, **{k: getattr(args, k) for k in RESUME_OVERRIDES}}), \
-            checkpoint
+        return resumed_options(args, saved, given), checkpoint
     checkpoint = last_checkpoint(output)
     if checkpoint is not None:
         raise InputError(f"{output} already holds a run (checkpoint {checkpoint.name}); pass --resume to "
@@ -298,16 +405,40 @@ def resolve_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, Path |
     return args, None
 
 
-def train(args: argparse.Namespace) -> Path | None:
-    """Train (or, with ``--resume``, continue) the run ``args`` describe; returns its last checkpoint. The
-    caller leaves the process group (:meth:`Run.close`) whatever happens. The run holds ``--output``'s lock
-    throughout (:func:`~attnzoo.engine.run.output_lock`): one run at a time writes there."""
+def resumed_options(args: argparse.Namespace, saved: dict, given: Collection[str] = ()) -> argparse.Namespace:
+    """The options of a resumed run: the ``saved`` ones (the checkpoint's), except those of
+    :data:`RESUME_OVERRIDES`, which are this command line's. Each difference that matters is said in one line: an
+    option of :data:`RESUME_OVERRIDES` whose value is not the run's (the new one is used), and an option that the
+    command line gives (``given``) but is the run's own (ignored)."""
+    kept = {**vars(args), **saved, **{k: getattr(args, k) for k in RESUME_OVERRIDES}}
+    say = print if os.environ.get("RANK", "0") == "0" else lambda *_, **__: None
+    show = lambda value: "unset" if value is None else value
+    changeable = ", ".join("DATA" if k == "data" else "--" + k.replace("_", "-") for k in RESUME_OVERRIDES
+                           if k != "resume")
+    for key in sorted({*RESUME_OVERRIDES, *given} - {"resume"}):
+        new, old = getattr(args, key), saved.get(key)
+        if new == old or key not in saved:  # the same, or an option newer than the run
+            continue
+        flag = "DATA" if key == "data" else "--" + key.replace("_", "-")
+        if key in RESUME_OVERRIDES:
+            say(f"resume: {flag} {show(new)} from this command line (the run had {show(old)})", flush=True)
+        else:
+            say(f"resume: {flag} {new} ignored: the run's {old} is kept (a resumed run may change only "
+                f"{changeable})", flush=True)
+    return argparse.Namespace(**kept)
+
+
+def train(args: argparse.Namespace, given: Collection[str] = ()) -> Path | None:
+    """Train (or, with ``--resume``, continue) the run ``args`` describe; returns its last checkpoint. ``given``:
+    the options the command line set (:func:`attnzoo.cli.given_options`), which a resumed run compares with its
+    own. The caller leaves the process group (:meth:`Run.close`) whatever happens. The run holds ``--output``'s
+    lock throughout (:func:`~attnzoo.engine.run.output_lock`): one run at a time writes there."""
     with output_lock(args.output):
-        return _train(args)
+        return _train(args, given)
 
 
-def _train(args: argparse.Namespace) -> Path | None:
-    args, checkpoint = resolve_resume(args)
+def _train(args: argparse.Namespace, given: Collection[str]) -> Path | None:
+    args, checkpoint = resolve_resume(args, given)
     run = Run(args.amp)
     trainer = Trainer(run, args)
     if checkpoint is not None:

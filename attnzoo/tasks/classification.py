@@ -46,16 +46,13 @@ class ClassificationTask(Task):
         a.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
 
     def build(self):
-        args, run = self.args, self.run
+        args = self.args
         if is_wds(args.data) or is_hf(args.data):
             read = wds_dataset if is_wds(args.data) else hf_dataset
             train_set, val_set = read(args.data, "train"), read(args.data, "val")
         else:
-            train_set, skipped = image_folder(args.data, "train")
-            val_set, val_skipped = image_folder(args.data, "val", class_to_idx=train_set.reader.class_to_idx)
-            if skipped or val_skipped:
-                run.log(f"skipped {len(skipped) + len(val_skipped)} unreadable image(s), e.g. "
-                        f"{(skipped + val_skipped)[0]}")
+            train_set = image_folder(args.data, "train")
+            val_set = image_folder(args.data, "val", class_to_idx=train_set.reader.class_to_idx)
         self.classes = class_names(train_set)
         model = create_model(args, log=self.run.log, num_classes=len(self.classes))
         self.data_config = data_config(args, model)

@@ -253,6 +253,17 @@ def test_data_root_errors_name_the_file(retinanet, coco, tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+def test_an_image_the_annotations_name_but_the_folder_lacks_is_named(retinanet, coco, tmp_path, capsys):
+    config, out, _ = retinanet
+    data = tmp_path / "coco"
+    shutil.copytree(coco, data)
+    name = json.loads((data / "annotations" / "instances_val.json").read_text())["images"][0]["file_name"]
+    missing = data / name  # the shapes set's file names are relative to the data root
+    missing.unlink()
+    _fails(capsys, evaluate, [str(config), str(out / "iter_4.pth"), "--data-root", str(data), "--output",
+                              str(tmp_path / "eval")], f"image {missing} does not exist, yet the annotation file")
+
+
 def test_eval_rejects_missing_foreign_and_unreadable_checkpoints(retinanet, coco, tmp_path, capsys):
     config, out, _ = retinanet
     args = ["--data-root", str(coco), "--output", str(tmp_path / "eval")]

@@ -64,7 +64,7 @@ def _model(out: Path) -> dict[str, torch.Tensor]:
 
 def test_wds_reader_gives_the_folders_images_and_labels(shapes, tmp_path, cache):
     shards = write_wds(shapes, tmp_path / "wds")
-    folder, _ = image_folder(shapes, "train")
+    folder = image_folder(shapes, "train")
     wds = wds_dataset(shards, "train")
     assert len(wds) == len(folder) == 20 and len(wds.reader.shards) == 3
     assert list(cache.rglob("*.npz"))  # the index, built once
