@@ -163,7 +163,7 @@ def _naming(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.filename is None:
+        if e.filename is None and e.errno is not None:  # (without an errno, str(e) would lose the message)
             e.filename = str(path)
         raise
     except Exception as e:
@@ -178,7 +178,8 @@ def _named(path: Path, make, **kwargs):
     try:
         return make(**kwargs)
     except OSError as e:
-        e.filename = str(path)
+        if e.errno is not None:
+            e.filename = str(path)
         raise
 
 

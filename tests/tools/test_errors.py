@@ -29,10 +29,10 @@ train, publish, convert, evaluate = (load_tool(n) for n in ("train", "publish", 
 
 
 def _rows(run: Path) -> list[dict]:
-    """log.csv's rows without the wall-clock columns."""
+    """log.csv's rows without the wall-clock columns (time, speed, the share spent waiting for data)."""
     rows = list(csv.DictReader((run / "log.csv").open()))
     for row in rows:
-        del row["seconds"], row["img_per_s"]
+        del row["seconds"], row["img_per_s"], row["data_wait"]
     return rows
 
 
@@ -137,7 +137,7 @@ def test_log_sums_survive_resume_and_changed_options_are_said(shapes, tmp_path, 
                        "--lr", "0.5"]) == 0
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume:")]
     assert said == ["resume: --lr 0.5 ignored: the run's 0.001 is kept (a resumed run may change only DATA, "
-                    "--output, --max-steps, --workers)",
+                    "--output, --max-steps, --workers, --prefetch-factor, --log-interval)",
                     "resume: --max-steps 5 from this command line (the run had 2)"]
     assert _rows(tmp_path / "whole") == _rows(tmp_path / "cut") and len(_rows(tmp_path / "cut")) == 1
     assert _rows(tmp_path / "cut")[0]["unreadable"] == "1"
@@ -208,16 +208,18 @@ def test_corrupt_checkpoint_files_are_named(run_copy, shapes, tmp_path, capsys):
     weights = ckpt / "model.safetensors"
     # truncated safetensors: eval --checkpoint, convert, publish, train --resume
     _cut(weights)
-    _one_line_error(capsys, 2, evaluate.main(["davit_tiny", str(shapes), "--checkpoint", str(weights)]),
-                    f"eval.py: error: checkpoint {weights} is not a readable safetensors file")
-    _one_line_error(capsys, 2, convert.main(["davit_tiny", str(weights), "--out", str(tmp_path / "hub")]),
-                    f"checkpoint {weights} is not a readable safetensors file")
+    loose = shutil.copy(weights, tmp_path / "loose.safetensors")  # outside a checkpoint: no digest to check
+    for path, problem in ((weights, "is corrupt: its sha256 is"), (loose, "is not a readable safetensors file")):
+        _one_line_error(capsys, 2, evaluate.main(["davit_tiny", str(shapes), "--checkpoint", str(path)]),
+                        f"eval.py: error: {'' if path == weights else 'checkpoint '}{path} {problem}")
+        _one_line_error(capsys, 2, convert.main(["davit_tiny", str(path), "--out", str(tmp_path / "hub")]),
+                        f"{path} {problem}")
     _one_line_error(capsys, 2, publish.main([str(run_copy), "--out", str(tmp_path / "hub")]), str(weights))
     _one_line_error(capsys, 2, train.main([str(shapes), "--output", str(run_copy), "--resume"]),
                     f"{weights} is corrupt")
     # a header that is not safetensors'
-    weights.write_bytes(b"\xff" * 64)
-    _one_line_error(capsys, 2, convert.main(["davit_tiny", str(weights), "--out", str(tmp_path / "hub")]),
+    loose.write_bytes(b"\xff" * 64)
+    _one_line_error(capsys, 2, convert.main(["davit_tiny", str(loose), "--out", str(tmp_path / "hub")]),
                     "header too large")
     # a corrupt state.json, then a corrupt last.json
     (ckpt / "state.json").write_text('{"step": 1, "ar')
