@@ -112,6 +112,7 @@ def dot(a, b, FP32: tl.constexpr, acc=None, K_CHUNK: tl.constexpr = 0):
 
 @triton.jit
 def load_rows(ptr, rows, cols, R, C, s_row, s_col):
-    """The [len(rows), len(cols)] tile of an [R, C] matrix at ``ptr`` (strides ``s_row``, ``s_col``), 0 outside."""
-    return tl.load(ptr + rows[:, None] * s_row + cols[None, :] * s_col,
+    """The [len(rows), len(cols)] tile of an [R, C] matrix at ``ptr`` (strides ``s_row``, ``s_col``), 0 outside.
+    The row offsets are int64: rows · s_row passes 2³¹ in a view whose row stride is large."""
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * s_row + cols[None, :] * s_col,
                    mask=(rows < R)[:, None] & (cols < C)[None, :], other=0.0)
