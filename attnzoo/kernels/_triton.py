@@ -89,9 +89,22 @@ def fp32_dot(dtype: torch.dtype) -> bool:
 
 
 @triton.jit
-def dot(a, b, FP32: tl.constexpr, acc=None):
+def dot(a, b, FP32: tl.constexpr, acc=None, K_CHUNK: tl.constexpr = 0):
     """acc + a @ b accumulated in fp32 (acc, fp32, optional). With FP32 both operands go in as fp32 with exact
-    (ieee) products; otherwise as the caller passes them (fp16/bf16, or fp32 in tf32)."""
+    (ieee) products; otherwise as the caller passes them (fp16/bf16, or fp32 in tf32).
+
+    K_CHUNK (a power of two ≥ 16, FP32 only): the exact product summed over slices of K_CHUNK of the inner
+    dimension, one after another. Triton's fp32 dot runs on the FMA units with each thread's rows of ``a`` and
+    columns of ``b`` held in registers over the whole inner dimension, (rows + columns)·K values per thread:
+    at K = 64 that alone can pass the 255 registers a thread has. The slices are K's even and odd halves,
+    halved again until they are K_CHUNK wide."""
+    if FP32 and K_CHUNK != 0 and a.shape[1] > K_CHUNK:
+        M: tl.constexpr = a.shape[0]
+        K: tl.constexpr = a.shape[1]
+        N: tl.constexpr = b.shape[1]
+        a0, a1 = tl.split(tl.reshape(a, [M, K // 2, 2]))
+        b0, b1 = tl.split(tl.permute(tl.reshape(b, [K // 2, 2, N]), [0, 2, 1]))
+        return dot(a1, b1, FP32, dot(a0, b0, FP32, acc, K_CHUNK), K_CHUNK)
     if FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc)
@@ -99,6 +112,7 @@ def dot(a, b, FP32: tl.constexpr, acc=None):
 
 @triton.jit
 def load_rows(ptr, rows, cols, R, C, s_row, s_col):
-    """The [len(rows), len(cols)] tile of an [R, C] matrix at ``ptr`` (strides ``s_row``, ``s_col``), 0 outside."""
-    return tl.load(ptr + rows[:, None] * s_row + cols[None, :] * s_col,
+    """The [len(rows), len(cols)] tile of an [R, C] matrix at ``ptr`` (strides ``s_row``, ``s_col``), 0 outside.
+    The row offsets are int64: rows · s_row passes 2³¹ in a view whose row stride is large."""
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * s_row + cols[None, :] * s_col,
                    mask=(rows < R)[:, None] & (cols < C)[None, :], other=0.0)

@@ -20,14 +20,17 @@ def assert_within_precision(name: str, fused: torch.Tensor, same_dtype: torch.Te
     assert err <= bound, f"{name}: error {err:.3g} exceeds {bound:.3g} ({dtype})"
 
 
-def past_int32_batch(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    """Random values of ``shape`` [B >= 3, ...] in a view whose batch stride is 2**30 + 2**20 elements, so the
-    offset of image 2 (b · stride) passes 2**31 and wraps in int32 arithmetic. The storage comes from
-    ``torch.empty``, which the OS commits lazily: only the B images written here cost memory."""
-    assert shape[0] >= 3
-    inner = torch.Size(shape[1:]).numel()
+def past_int32_batch(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0, dim: int = 0) -> torch.Tensor:
+    """Random values of ``shape`` in a view whose stride along ``dim`` (the batch by default; shape[dim] >= 3)
+    is 2**30 + 2**20 elements, so the offset of index 2 along it (2 · stride) passes 2**31 and wraps in int32
+    arithmetic. The other dims are laid out contiguously. The storage comes from ``torch.empty``, which the OS
+    commits lazily: only the elements written here cost memory."""
+    assert shape[dim] >= 3
+    rest = shape[:dim] + shape[dim + 1:]
     stride = 2**30 + 2**20
-    storage = torch.empty((shape[0] - 1) * stride + inner, dtype=dtype)
-    view = storage.as_strided(shape, (stride, *torch.empty(shape[1:]).stride()))
+    strides = list(torch.empty(rest).stride())
+    strides.insert(dim, stride)
+    storage = torch.empty((shape[dim] - 1) * stride + torch.Size(rest).numel(), dtype=dtype)
+    view = storage.as_strided(shape, strides)
     view.copy_(torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype))
     return view

@@ -39,22 +39,10 @@ def _ids(launches: list) -> list[str]:
     return ids
 
 
-def _known_failure(launch) -> str | None:
-    """Why ``launch`` is known to fail the check, or None. Each is an open item of issue 20; the tests are strict
-    xfails, so one that starts passing fails until it is taken off this list."""
-    params = dict(launch.params)
-    if launch.op == "halo" and launch.name == "_bwd_kernel" and launch.dtype == "fp32" and params["DQK_PAD"] >= 64:
-        return ("halo's fp32 backward at padded head dims >= 64 spills 184-424 B per thread (exact fp32 products "
-                "hold their operands in registers; fp16/bf16 are clean)")
-    return None
-
-
 def pytest_generate_tests(metafunc):
     if "launch" in metafunc.fixturenames:
         _, launches = _launches()
-        params = [pytest.param(ln, marks=pytest.mark.xfail(strict=True, reason=why)) if (why := _known_failure(ln))
-                  else ln for ln in launches]
-        metafunc.parametrize("launch", params, ids=_ids(launches))
+        metafunc.parametrize("launch", launches, ids=_ids(launches))
 
 
 @pytest.fixture(scope="session")

@@ -69,9 +69,11 @@ def test_triton_gpu_blocks_fp16(target):
     _assert_close(got, want, torch.float16, target.name)
 
 
-def test_offsets_past_int32():
-    """q, k, v views whose image 2 starts past 2**31 elements: the (bg // G) · stride offsets are int64."""
-    q, k, v = (past_int32_batch((3, 1, 40, 16), torch.float16, seed).requires_grad_() for seed in range(3))
+@pytest.mark.parametrize("shape,dim", [((3, 1, 40, 16), 0), ((1, 2, 3, 16), 2)], ids=["image", "token"])
+def test_offsets_past_int32(shape, dim):
+    """q, k, v views whose image 2 (or token 2) starts past 2**31 elements: the (bg // G) · stride and
+    token · stride offsets are int64."""
+    q, k, v = (past_int32_batch(shape, torch.float16, seed, dim).requires_grad_() for seed in range(3))
     d_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).half()
     want = _run(lambda *t: channel_attention_reference(*t, 0.25),
                 *(t.detach().clone().requires_grad_() for t in (q, k, v)), d_out)

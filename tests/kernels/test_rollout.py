@@ -75,10 +75,12 @@ def test_triton_matches_reference_fp16(shape, target):
     assert_within_precision("rollout_step", got, same_dtype, exact, torch.float16)
 
 
-def test_offsets_past_int32():
-    """q and k views whose image 2 starts past 2**31 elements: the kernels' b · stride offsets are int64."""
-    q, k = (past_int32_batch((3, 2, 40, 16), torch.float16, seed) for seed in (0, 1))
-    r = torch.rand(3, 2, 40, generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("shape,dim", [((3, 2, 40, 16), 0), ((1, 2, 3, 16), 2)], ids=["image", "token"])
+def test_offsets_past_int32(shape, dim):
+    """q and k views whose image 2 (or token 2) starts past 2**31 elements: the kernels' b · stride and
+    token · stride offsets are int64."""
+    q, k = (past_int32_batch(shape, torch.float16, seed, dim) for seed in (0, 1))
+    r = torch.rand(shape[:3], generator=torch.Generator().manual_seed(2))
     want = rollout_step_reference(q, k, r, 0.25)
     torch.testing.assert_close(_fused(q, k, r, 0.25), want, atol=2e-3, rtol=2e-3)
 

@@ -76,11 +76,13 @@ def test_triton_matches_reference_low_precision(dtype, shape, target):
         assert_within_precision(name, g, s, e, dtype)
 
 
-def test_offsets_past_int32():
-    """q, k, v views whose image 2 starts past 2**31 elements, forward and gradients: the kernels' b · stride
-    offsets are int64."""
-    q, k, v = (past_int32_batch((3, 1, 40, 16), torch.float16, seed).requires_grad_() for seed in range(3))
-    index = torch.rand(3, 1, 40, 40, generator=torch.Generator().manual_seed(3)).topk(10, dim=-1).indices
+@pytest.mark.parametrize("shape,dim,keep", [((3, 1, 40, 16), 0, 10), ((1, 2, 3, 16), 2, 2)], ids=["image", "token"])
+def test_offsets_past_int32(shape, dim, keep):
+    """q, k, v views whose image 2 (or token 2) starts past 2**31 elements, forward and gradients: the kernels'
+    b · stride and token · stride offsets are int64."""
+    q, k, v = (past_int32_batch(shape, torch.float16, seed, dim).requires_grad_() for seed in range(3))
+    B, H, N, _ = shape
+    index = torch.rand(B, H, N, N, generator=torch.Generator().manual_seed(3)).topk(keep, dim=-1).indices
     d_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).half()
     want = _run(_reference_in_dtype, *(t.detach().float().requires_grad_() for t in (q, k, v)), index,
                 d_out.float())

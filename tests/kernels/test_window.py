@@ -12,7 +12,7 @@ from attnzoo.kernels._triton import SM90, use_target
 from attnzoo.kernels.window import fused
 from attnzoo.kernels.window.fused import MAX_D
 
-from ._util import assert_within_precision, max_err
+from ._util import assert_within_precision, max_err, past_int32_batch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -220,6 +220,17 @@ def test_views_past_int32_offsets():
     assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
     exact = window_attention(q.double(), k.double(), v.double(), mask=mask)
     assert max_err(out, exact) < 1e-2
+
+
+def test_views_past_int32_row_offsets():
+    """Token 2 of each window of these views sits past element 2³¹ (a token stride of 2³⁰ + 2²⁰): the in-window
+    row offsets, row · stride, must be 64-bit too. The results equal those on contiguous copies."""
+    q, k, v = (past_int32_batch((1, 2, 3, 16), torch.float16, seed, dim=2) for seed in range(3))
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).half()
+    out, grads = run("triton", q, k, v, None, None, grad_out)
+    ref, ref_grads = run("triton", q.contiguous(), k.contiguous(), v.contiguous(), None, None, grad_out)
+    assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
+    assert max_err(out, window_attention(q.double(), k.double(), v.double())) < 1e-2
 
 
 def test_reference_gradcheck_fp64():

@@ -48,7 +48,7 @@ def _outer_sum_kernel(
     diagonal blocks, summed at the end (the off-diagonal ones, products across runs, are discarded: FOLD× the
     flops of a memory-bound sum)."""
     bg = tl.program_id(0).to(tl.int64)  # int64: (bg // G) * sxb passes 2**31 on large batches
-    split = tl.program_id(1)
+    split = tl.program_id(1).to(tl.int64)  # int64: a token · sxn passes 2**31 in large views
     x_ptr += (bg // G) * sxb + (bg % G) * sxg
     y_ptr += (bg // G) * syb + (bg % G) * syg
     RUN: tl.constexpr = BLOCK_N // FOLD
@@ -103,10 +103,13 @@ def _fwd_apply_kernel(
 
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     in_nd = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    q = tl.load(q_ptr + (bg // G) * sqb + (bg % G) * sqg + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+    tok = offs_n.to(tl.int64)[:, None]  # int64: a token · sqn passes 2**31 in large views
+    q = tl.load(q_ptr + (bg // G) * sqb + (bg % G) * sqg + tok * sqn + offs_d[None, :] * sqd,
                 mask=in_nd, other=0.0)
     out = _dot(q, tl.trans(attn), FP32_DOT)
-    tl.store(o_ptr + (bg // G) * sob + (bg % G) * sog + offs_n[:, None] * son + offs_d[None, :] * sod,
+    # the block's first token as an int64 scalar, the rest in int32 (a 64-bit address per element spills on sm_80)
+    o_ptr += (bg // G) * sob + (bg % G) * sog + (block * BLOCK_N).to(tl.int64) * son
+    tl.store(o_ptr + tl.arange(0, BLOCK_N)[:, None] * son + offs_d[None, :] * sod,
              out.to(o_ptr.dtype.element_ty), mask=in_nd)
 
 
@@ -131,7 +134,7 @@ def _bwd_apply_kernel(
 
     offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     in_nd = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    tok = offs_n[:, None]
+    tok = offs_n.to(tl.int64)[:, None]
     dim = offs_d[None, :]
     do = tl.load(do_ptr + b * sdb + g * sdg + tok * sdn + dim * sdd, mask=in_nd, other=0.0)
     v = tl.load(v_ptr + b * svb + g * svg + tok * svn + dim * svd, mask=in_nd, other=0.0)

@@ -38,6 +38,9 @@ import triton.language as tl
 from .._triton import LOG2E, Target, dot, fp32_dot, target_of
 
 MAX_WIN, MAX_D = 16, 128  # the [BLOCK_M, 2·pad(2·win − 1)] relative tile and a head-dim tile stay in registers
+# exact fp32 products are summed over 16-wide slices of their inner dimension (:func:`dot`'s K_CHUNK), so each
+# holds a few registers per thread, not (rows + columns)·64: unsliced, the fp32 backward spills at head dim 64
+K_SLICE = tl.constexpr(16)
 
 
 def unsupported(q: torch.Tensor, v: torch.Tensor, block: int, halo: int) -> str | None:
@@ -77,18 +80,19 @@ def launch_config(bq: int, win: int, dqk: int, dv: int, dtype: torch.dtype, targ
     - fp16/bf16: one warp per 16 query rows, so a 64-row program is one warpgroup (``wgmma`` on sm_90a,
       ``mma`` on sm_80), and at least two (one warp alone holds whole [keys, D] operands and spills at D = 64);
       the forward takes 32 keys a step, the backward 16 (at 32 the sm_80 backward spills for Dv = 108).
-    - fp32 (exact products on the FMA units, each thread holding whole rows of its operands): twice the warps
-      and 16 keys a step.
+    - fp32 (exact products on the FMA units, each thread holding its rows and columns of the operands, sliced
+      along the inner dimension: ``K_SLICE``): twice the warps, so a 16-row block takes 4 (on 2, the backward
+      at D = 64 spills), and 16 keys a step.
     - Two pipeline stages: the next chunk's keys load while this one computes.
     Checked by compiling for sm_80 and sm_90a at every configuration the halo models launch; the rule does not
     depend on the target today (every configuration fits sm_80's shared memory) nor on the head dims ≤ MAX_D.
     """
     del dqk, dv, target
     block_m = min(64, _pad(bq * bq))
-    if dtype == torch.float32:
-        tiles = Tiles(block_m=block_m, block_n=16, num_warps=block_m // 8, num_stages=2)
-        return LaunchConfig(fwd=tiles, bwd=tiles)
     warps = max(2, block_m // 16)
+    if dtype == torch.float32:
+        tiles = Tiles(block_m=block_m, block_n=16, num_warps=2 * warps, num_stages=2)
+        return LaunchConfig(fwd=tiles, bwd=tiles)
     return LaunchConfig(fwd=Tiles(block_m, 32, warps, 2), bwd=Tiles(block_m, 16, warps, 2))
 
 
@@ -121,7 +125,7 @@ def _absolute_rel(
     """The absolute relative logits S [BLOCK_M, 2·C_PAD]: S[i, c] = q_i·height_rel[c − y_i + WIN − 1] and
     S[i, C_PAD + c] = q_i·width_rel[c − x_i + WIN − 1] for window row / column c (columns c ≥ WIN unused)."""
     tables = _tables(hr_ptr, wr_ptr, s_hr_r, s_hr_d, s_wr_r, s_wr_d, DQK, WIN, R_PAD, DQK_PAD)
-    rel = dot(q, tl.trans(tables), FP32)  # [BLOCK_M, 2·R_PAD]
+    rel = dot(q, tl.trans(tables), FP32, K_CHUNK=K_SLICE)  # [BLOCK_M, 2·R_PAD]
     c = tl.arange(0, 2 * C_PAD)
     c_w = c >= C_PAD
     src = tl.where(c_w[None, :], R_PAD + (c - C_PAD)[None, :] - qx[:, None], c[None, :] - qy[:, None]) + WIN - 1
@@ -152,10 +156,10 @@ def _chunk(
     c = tl.arange(0, 2 * C_PAD)
     e = tl.where((c >= C_PAD)[:, None], kx[None, :] == (c - C_PAD)[:, None], ky[None, :] == c[:, None])
     e = tl.where(e, 1.0, 0.0).to(k.dtype)  # (not a bool cast: the interpreter's bool → bf16 is wrong)
-    pos = dot(s_hi, e, FP32)
+    pos = dot(s_hi, e, FP32, K_CHUNK=K_SLICE)
     if SPLIT:
-        pos += dot(s_lo, e, FP32)
-    s = dot(q, tl.trans(k), FP32) * scale_qk + pos * scale_pos
+        pos += dot(s_lo, e, FP32, K_CHUNK=K_SLICE)
+    s = dot(q, tl.trans(k), FP32, K_CHUNK=K_SLICE) * scale_qk + pos * scale_pos
     return k, v, e, tl.where(k_ok[None, :], s, float("-inf")), k_in
 
 
@@ -196,7 +200,7 @@ def _fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, FP32)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, FP32, K_CHUNK=K_SLICE)
         m_i = m_new
 
     out = acc / l_i[:, None]
@@ -257,16 +261,17 @@ def _bwd_kernel(
         # dV and dK transposed, [D_PAD, BLOCK_N], so the loop-invariant do and q are the first operands of the
         # products (split over the warps) rather than the second (held whole by every warp on sm_80)
         if KEYS:
-            d_v = dot(tl.trans(do), p.to(do.dtype), FP32)
+            d_v = dot(tl.trans(do), p.to(do.dtype), FP32, K_CHUNK=K_SLICE)
             tl.store(dv_ptr + key[None, :] * DV + dv[:, None], d_v, mask=k_in[None, :] & (dv < DV)[:, None])
-        ds = p * (dot(do, tl.trans(v), FP32) - delta[:, None])  # gradient of the natural-unit logits
+        dp = dot(do, tl.trans(v), FP32, K_CHUNK=K_SLICE)
+        ds = p * (dp - delta[:, None])  # gradient of the natural-unit logits
         ds = ds.to(q.dtype)
         if KEYS:
-            d_k = dot(tl.trans(q), ds, FP32) * scale
+            d_k = dot(tl.trans(q), ds, FP32, K_CHUNK=K_SLICE) * scale
             tl.store(dk_ptr + key[None, :] * DQK + dqk[:, None], d_k, mask=k_in[None, :] & (dqk < DQK)[:, None])
         else:
-            d_q += dot(ds, k, FP32)
-            d_abs += dot(ds, tl.trans(e), FP32)
+            d_q += dot(ds, k, FP32, K_CHUNK=K_SLICE)
+            d_abs += dot(ds, tl.trans(e), FP32, K_CHUNK=K_SLICE)
     if KEYS:
         return
     d_q *= scale
@@ -280,7 +285,7 @@ def _bwd_kernel(
     src = tl.minimum(tl.maximum(src, 0), C_PAD - 1) + tl.where(t_w, C_PAD, 0)[None, :]
     d_rel = tl.where(src_ok, tl.gather(d_abs, src, 1), 0.0) * pos_scale  # [BLOCK_M, 2·R_PAD]
     tables = _tables(hr_ptr, wr_ptr, s_hr_r, s_hr_d, s_wr_r, s_wr_d, DQK, WIN, R_PAD, DQK_PAD)
-    d_q += dot(d_rel.to(tables.dtype), tables, FP32)
+    d_q += dot(d_rel.to(tables.dtype), tables, FP32, K_CHUNK=K_SLICE)
     dq_rows = dq_ptr + b * sdq_b + n * sdq_n + qh * sdq_h + qw * sdq_w
     tl.store(dq_rows[:, None] + dqk[None, :] * sdq_d, d_q.to(dq_ptr.dtype.element_ty), mask=qk_mask)
     R: tl.constexpr = 2 * WIN - 1

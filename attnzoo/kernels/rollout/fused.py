@@ -30,7 +30,7 @@ def unsupported(q: torch.Tensor) -> str | None:
 @triton.jit
 def _logits(q, k_ptr, offs_n, offs_d, N, D, skn, skd, scale, FP32: tl.constexpr):
     """scale · q kᵀ for one key block [BLOCK_M, BLOCK_N] in fp32, -inf past the N keys."""
-    k = tl.load(k_ptr + offs_n[:, None] * skn + offs_d[None, :] * skd,
+    k = tl.load(k_ptr + offs_n.to(tl.int64)[:, None] * skn + offs_d[None, :] * skd,
                 mask=(offs_n < N)[:, None] & (offs_d < D)[None, :], other=0.0)
     s = dot(q, tl.trans(k), FP32) * scale
     return tl.where((offs_n < N)[None, :], s, float("-inf"))
@@ -38,7 +38,7 @@ def _logits(q, k_ptr, offs_n, offs_d, N, D, skn, skd, scale, FP32: tl.constexpr)
 
 @triton.jit
 def _load_q(q_ptr, offs_m, offs_d, N, D, sqm, sqd):
-    return tl.load(q_ptr + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+    return tl.load(q_ptr + offs_m.to(tl.int64)[:, None] * sqm + offs_d[None, :] * sqd,
                    mask=(offs_m < N)[:, None] & (offs_d < D)[None, :], other=0.0)
 
 
@@ -48,7 +48,7 @@ def _lse_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(0).to(tl.int64)  # int64: offs_m · sqm passes 2**31 in large views
     bh = tl.program_id(1).to(tl.int64)  # int64: bh * N and b * sqb pass 2**31 on large batches
     b = bh // H
     h = bh % H
@@ -72,7 +72,7 @@ def _rollout_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, srb, srh, srn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -88,7 +88,7 @@ def _rollout_kernel(
         s = _logits(q, k_ptr, offs_n, offs_d, N, D, skn, skd, scale, FP32)
         # rows past N: lse = +inf makes their P row 0 (and r is 0 there too)
         lse = tl.load(lse_ptr + bh * N + offs_m, mask=offs_m < N, other=float("inf"))
-        r = tl.load(r_ptr + offs_m * srn, mask=offs_m < N, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + offs_m.to(tl.int64) * srn, mask=offs_m < N, other=0.0).to(tl.float32)
         p = tl.exp(s - lse[:, None])
         acc += tl.sum(r[:, None] * p, axis=0)
     tl.store(out_ptr + bh * N + offs_n, acc, mask=offs_n < N)

@@ -40,7 +40,7 @@ def unsupported(q: torch.Tensor) -> str | None:
 def _mask_kernel(idx_ptr, bits_ptr, H, M, K, W, sib, sih, sim, sik,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """bits[bh, m, j // 32] |= 1 << (j % 32) for every kept key j = index[b, h, m, :]."""
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(0).to(tl.int64)  # int64: offs_m · (a row stride) passes 2**31 in large views
     bh = tl.program_id(1).to(tl.int64)  # int64: b * sib and bh * M * W pass 2**31 on large inputs
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     idx_ptr += (bh // H) * sib + (bh % H) * sih
@@ -77,7 +77,7 @@ def _kept(bits_ptr, offs_m, offs_n, M, N, W, BLOCK_N: tl.constexpr, KEYS_FIRST: 
 @triton.jit
 def _load_cols(ptr, offs, offs_d, L, D, s_row, s_d):
     """The same rows as a transposed [BLOCK_D, len(offs)] tile."""
-    return tl.load(ptr + offs[None, :] * s_row + offs_d[:, None] * s_d,
+    return tl.load(ptr + offs.to(tl.int64)[None, :] * s_row + offs_d[:, None] * s_d,
                    mask=(offs < L)[None, :] & (offs_d < D)[:, None], other=0.0)
 
 
@@ -88,7 +88,7 @@ def _fwd_kernel(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(0).to(tl.int64)  # int64: offs_m · (a row stride) passes 2**31 in large views
     bh = tl.program_id(1).to(tl.int64)  # int64: b * sqb, bh * M * W pass 2**31 on large inputs
     b = bh // H
     h = bh % H
@@ -130,7 +130,7 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32: tl.constexpr,
 ):
     """dK and dV of BLOCK_N keys, into contiguous [B, H, N, D] tensors of k's dtype."""
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0)  # int32: the key rows widen in load_rows; offs_n · D stays within dk's (b, h) slice
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -169,7 +169,7 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FP32: tl.constexpr,
 ):
     """dQ of BLOCK_M queries, into a contiguous [B, H, M, D] tensor of q's dtype."""
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(0).to(tl.int64)  # int64: offs_m · (a row stride) passes 2**31 in large views
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H

@@ -85,7 +85,7 @@ def _key_ok(mask_base, cols, N, s_mask_n, HAS_MASK: tl.constexpr):
     """Which keys of a block take part: inside the window and, with a mask, kept by it."""
     ok = cols < N
     if HAS_MASK:
-        ok = ok & (tl.load(mask_base + cols * s_mask_n, mask=ok, other=0) != 0)
+        ok = ok & (tl.load(mask_base + cols.to(tl.int64) * s_mask_n, mask=ok, other=0) != 0)
     return ok
 
 
@@ -95,8 +95,8 @@ def _logits(q, k, bias_base, key_ok, rows, cols, N, scale_log2, s_bias_n, s_bias
     """The [BLOCK_M, BLOCK_N] tile of base-2 logits log2(e)·(scale·q kᵀ + bias), -inf for keys that take no part."""
     if HAS_BIAS:
         # clamped rather than masked: no predicate per element; what is read past N is never used
-        r = tl.minimum(rows, N - 1)
-        c = tl.minimum(cols, N - 1)
+        r = tl.minimum(rows, N - 1).to(tl.int64)
+        c = tl.minimum(cols, N - 1).to(tl.int64)
         bias = tl.load(bias_base + r[:, None] * s_bias_n + c[None, :] * s_bias_m)
         # the bias enters as the dot's accumulator (bias/scale, then all times scale·log2 e), which keeps the
         # softmax in the dot's register layout instead of the load's
@@ -123,7 +123,7 @@ def _fwd_kernel(
     b32 = bh // H
     b, h = b32.to(tl.int64), (bh % H).to(tl.int64)
     bh = bh.to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     q = load_rows(Q + b * s_q_b + h * s_q_h, rows, d, N, D, s_q_n, s_q_d)
     k_base = K + b * s_k_b + h * s_k_h
@@ -172,7 +172,7 @@ def _bwd_delta_kernel(
     b32 = bh // H
     b, h = b32.to(tl.int64), (bh % H).to(tl.int64)
     bh = bh.to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     o = load_rows(O + b * s_o_b + h * s_o_h, rows, d, N, D, s_o_n, s_o_d)
     do = load_rows(DO + b * s_do_b + h * s_do_h, rows, d, N, D, s_do_n, s_do_d)
@@ -198,7 +198,7 @@ def _bwd_kv_kernel(
     h = (pid % H).to(tl.int64)
     j = (pid // H) % G  # the bias slice of every window of this program
     chunk = pid // H // G
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     kv_ok = (cols < N)[:, None] & (d < D)[None, :]
     bias_base = _slice(BIAS, j.to(tl.int64) * s_bias_g + h * s_bias_h, HAS_BIAS)
@@ -267,7 +267,7 @@ def _bwd_q_kernel(
     b32 = bh // H
     b, h = b32.to(tl.int64), (bh % H).to(tl.int64)
     bh = bh.to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     q = load_rows(Q + b * s_q_b + h * s_q_h, rows, d, N, D, s_q_n, s_q_d)
     do = load_rows(DO + b * s_do_b + h * s_do_h, rows, d, N, D, s_do_n, s_do_d)
