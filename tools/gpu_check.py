@@ -159,6 +159,24 @@ def markdown(env: dict, tests: dict, bench: dict, bench_md: str, timings: dict) 
     return "\n".join(lines) + "\n"
 
 
+def _atomic_write():
+    """attnzoo.common.atomic_write, loaded from its file: `make gpu-check GPU_PYTHON=python3` runs this script
+    with an interpreter where attnzoo is not installed (the steps get it through PYTHONPATH), and importing the
+    attnzoo package would import triton and timm, while the report must be written even where triton fails to
+    import (it reports that). attnzoo/common.py itself imports only the standard library."""
+    spec = importlib.util.spec_from_file_location("attnzoo_common_for_gpu_check", ROOT / "attnzoo" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    return common.atomic_write
+
+
+def write_report(out: Path, report: dict, md: str) -> None:
+    """report.json and report.md, each written atomically: a failed write leaves the previous report whole."""
+    write = _atomic_write()
+    write(out / "report.json", json.dumps(report, indent=1))
+    write(out / "report.md", md)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--probe", action="store_true", help="only check that there is a CUDA GPU")
@@ -222,9 +240,8 @@ def main(argv=None) -> int:
     print(f"benchmark: exit {bench_code} in {bench_s:.0f} s", flush=True)
 
     timings = {"tests": test_s, "benchmark": bench_s, "total": time.monotonic() - start}
-    (out / "report.json").write_text(json.dumps(
-        {"environment": env, "tests": tests, "benchmark": bench, "seconds": timings}, indent=1))
-    (out / "report.md").write_text(markdown(env, tests, bench, bench_md, timings))
+    write_report(out, {"environment": env, "tests": tests, "benchmark": bench, "seconds": timings},
+                 markdown(env, tests, bench, bench_md, timings))
     print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
     return 0 if tests["exit"] == 0 and bench_code == 0 else 1
 

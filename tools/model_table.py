@@ -16,6 +16,7 @@ import timm
 
 import attnzoo  # noqa: F401  (registers the models)
 from attnzoo.cli import tool_main
+from attnzoo.common import atomic_write
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- models:start -->", "<!-- models:end -->"
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
         print(table())
         return 0
     text = README.read_text()
-    README.write_text(text.replace(readme_table(text), table()))
+    atomic_write(README, text.replace(readme_table(text), table()))  # a failed write leaves README.md whole
     print(f"updated {README}")
     return 0
 

@@ -4,12 +4,12 @@ optionally push it to the Hugging Face Hub.
     python tools/publish.py runs/demo --out runs/demo/hub                  # the run's last checkpoint
     python tools/publish.py runs/demo --out runs/demo/hub --ema --repo ORG/NAME
 
-The checkpoint's weights must match the sha256 its state.json records. The folder (config.json with the
-pretrained_cfg, the class names and the sha256 of model.safetensors, which is the checkpoint's own file byte for
-byte; model.safetensors; README.md with the run's measured top-1/top-5) is written under a temporary name and
-loaded with ``timm.create_model("local-dir:...", pretrained=True)``; only when the reloaded model gives the same
-predictions as the checkpoint's, on the run's own val images when they are still there, is it renamed to --out
-(with --overwrite, the old folder is replaced atomically). Afterwards
+The checkpoint's state.json and weights must match the sha256 digests state.json records. The folder
+(config.json with the pretrained_cfg, the class names and the sha256 of model.safetensors, which is the
+checkpoint's own file byte for byte; model.safetensors; README.md with the run's measured top-1/top-5) is
+written under a temporary name and loaded with ``timm.create_model("local-dir:...", pretrained=True)``; only
+when the reloaded model gives the same predictions as the checkpoint's, on the run's own val images when they
+are still there, is it renamed to --out (with --overwrite, the old folder is replaced atomically). Afterwards
 ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)`` loads the pushed copy.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import attnzoo  # noqa: F401  (registers attnzoo's models with timm)
 from attnzoo.cli import tool_main
 from attnzoo.common import InputError, UnreadableSample
 from attnzoo.data import image_folder
-from attnzoo.engine import find_checkpoint, read_state, task_state, verify_checkpoint
+from attnzoo.engine import find_checkpoint, task_state, verify_checkpoint
 from attnzoo.hub import create_model, load_weights, save_hub_folder
 from attnzoo.tasks import get_task
 
@@ -64,7 +64,7 @@ def publish(checkpoint: Path, out: Path, ema: bool = False, overwrite: bool = Fa
             repo: str | None = None) -> tuple[Path, dict]:
     """Write the Hub folder and check the reload; returns it and the numbers that went into the card. ``repo`` is
     the Hub repo the card's usage example names (``ORG/<folder name>`` when not given)."""
-    state = read_state(checkpoint)
+    state = verify_checkpoint(checkpoint, [])  # state.json matches its own digest before anything is read from it
     task, own = task_state(state)
     if not get_task(task).publishable:
         raise InputError(f"{checkpoint} was trained with --task {task}, whose model is not a timm classifier: "

@@ -16,6 +16,8 @@ and the classification mode's ``--output``, ``--resume`` and ``--seed``. What th
   ``WeightsOnlyCheckpointHook`` is added when missing, so resuming works under ``torch.load(weights_only=True)``;
 * torch is seeded from ``(seed, iteration)`` before each training iteration
   (:class:`attnzoo.det.checkpoint.SeedEachIterationHook`), so a resumed run draws what the uninterrupted one did;
+* one run at a time holds ``--output``: rank 0 takes its lock (:func:`attnzoo.engine.run.output_lock`) for the
+  whole run, and a second run into a held folder is an :class:`InputError` naming the holder's pid;
 * ``--output`` that already holds a checkpoint needs ``--resume``, and ``--resume`` needs one there; the run
   resumes from the checkpoint ``last_checkpoint`` names (or the newest one when that pointer is unreadable);
 * ``--data-root DIR`` points every dataset and COCO evaluator of the config at DIR: a COCO 2017 folder
@@ -45,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from ..common import InputError
+from ..engine.run import output_lock
 
 __all__ = ["is_main_process", "latest_checkpoint", "load_config", "test", "train"]
 
@@ -255,9 +258,14 @@ def _build_runner(cfg):
 
 
 def train(args: argparse.Namespace) -> Path | None:
-    """Train as ``args`` say; returns the last checkpoint."""
+    """Train as ``args`` say, holding the output folder's lock throughout; returns the last checkpoint."""
     cfg = load_config(args)
     work_dir = Path(args.output or Path("runs") / Path(args.config).stem)
+    with output_lock(work_dir):
+        return _train(cfg, work_dir, args)
+
+
+def _train(cfg, work_dir: Path, args: argparse.Namespace) -> Path | None:
     checkpoint = latest_checkpoint(work_dir) if work_dir.is_dir() else None
     if args.resume and checkpoint is None:
         raise InputError(f"--resume: no checkpoint in {work_dir} to resume from")

@@ -7,8 +7,10 @@
 states), ``metrics`` (the last epoch's row) and, under the key named by ``args["task"]``, the task's own state
 (:meth:`attnzoo.tasks.Task.state`). ``OUTPUT/checkpoints/last.json`` names the newest complete checkpoint.
 
-``state.json`` also records the sha256 of each tensor file (``sha256``: file name -> hex digest), checked on
-resume and publish (:func:`verify_checkpoint`).
+``state.json`` also records the sha256 of each tensor file (``sha256``: file name -> hex digest) and of its own
+content (``state_sha256``: over its canonical JSON without that key, so a flipped digit that leaves valid JSON is
+caught), checked on resume and publish (:func:`verify_checkpoint`). A ``state.json`` without ``state_sha256``
+(written before it was recorded) has only its tensor files checked.
 
 Each checkpoint folder is written through :func:`attnzoo.common.atomic_dir` (files and folders fsynced, then
 renamed in) and ``last.json`` is replaced only after it, so a run killed at any moment resumes from a
@@ -18,6 +20,7 @@ digests falls back to it (:func:`resume_checkpoint`). Only the run holding the o
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -37,6 +40,14 @@ __all__ = ["find_checkpoint", "join_optimizer_state", "last_checkpoint", "read_s
            "verify_checkpoint", "write_checkpoint"]
 
 _POINTER = "last.json"
+_SELF = "state_sha256"  # the key of state.json's digest of its own content
+
+
+def _state_digest(state: dict) -> str:
+    """The sha256 of ``state`` (as read from JSON) without its own digest, as canonical JSON: sorted keys, no
+    spaces (a float's repr reads back to the same float, so writing and reading agree)."""
+    body = {k: v for k, v in state.items() if k != _SELF}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -103,7 +114,9 @@ def write_checkpoint(output: Path, step: int, tensors: dict[str, dict[str, torch
         for file, values in tensors.items():
             save_file(values, str(tmp / f"{file}.safetensors"))
             digests[f"{file}.safetensors"] = sha256_file(tmp / f"{file}.safetensors")
-        (tmp / "state.json").write_text(json.dumps({**state, "sha256": digests}, indent=1))
+        plain = json.loads(json.dumps({**state, "sha256": digests}))  # as a reader sees it: tuples are lists
+        plain[_SELF] = _state_digest(plain)
+        (tmp / "state.json").write_text(json.dumps(plain, indent=1))
     atomic_write(root / _POINTER, json.dumps({"checkpoint": name, "step": step}))
     for old in _checkpoints(root):
         if old.name not in (name, previous):
@@ -154,9 +167,13 @@ def read_state(folder: Path) -> dict:
 
 
 def verify_checkpoint(folder: Path, files: Iterable[str] | None = None) -> dict:
-    """The state of checkpoint ``folder`` once ``files`` (default: every tensor file it records) match the
-    sha256 digests in its ``state.json``; an InputError naming the first file that does not."""
+    """The state of checkpoint ``folder`` once its ``state.json`` matches its own digest and ``files`` (default:
+    every tensor file it records) match the sha256 digests it records; an InputError naming the first file that
+    does not."""
     state = read_state(folder)
+    if _SELF in state and (actual := _state_digest(state)) != state[_SELF]:
+        raise InputError(f"{folder / 'state.json'} is corrupt: the sha256 of its content is {actual}, it records "
+                         f"{state[_SELF]}")
     digests = state.get("sha256")
     if not isinstance(digests, dict):
         raise InputError(f"{folder / 'state.json'} records no sha256 digests of the tensor files (written by an "

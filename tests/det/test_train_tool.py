@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ pytest.importorskip("mmdet", reason="the det extra is not installed")
 
 from attnzoo.data import ShapesSpec, make_shapes_dataset  # noqa: E402
 from attnzoo.det.checkpoint import AtomicLocalBackend  # noqa: E402
+from attnzoo.engine import output_lock  # noqa: E402
 
 from ..tools.conftest import ROOT, load_tool, one_thread, tool_env  # noqa: E402, F401  (one_thread: autouse)
 
@@ -234,6 +236,17 @@ def test_resume_needs_a_checkpoint_and_a_run_needs_resume(retinanet, coco, tmp_p
     args = [str(config), "--data-root", str(coco)]
     _fails(capsys, train, [*args, "--output", str(tmp_path / "empty"), "--resume"], "--resume: no checkpoint in")
     _fails(capsys, train, [*args, "--output", str(out)], "already holds a run (checkpoint iter_4.pth)", "--resume")
+
+
+def test_a_run_into_a_held_output_exits_naming_the_holder(retinanet, coco, tmp_path, capsys):
+    """One run at a time: this process holds the folder, as a run in progress would; a second run exits 2 naming
+    its pid and writes nothing there."""
+    config = retinanet[0]
+    held = tmp_path / "held"
+    with output_lock(held):
+        _fails(capsys, train, [str(config), "--data-root", str(coco), "--output", str(held)],
+               f"in use by another run (pid {os.getpid()}")
+        assert sorted(p.name for p in held.iterdir()) == [".lock"]
 
 
 def test_data_root_errors_name_the_file(retinanet, coco, tmp_path, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from attnzoo.common import recover, sha256_file, verify_hub_folder
+from attnzoo.common import InputError, recover, sha256_file, verify_hub_folder
 from attnzoo.engine import last_checkpoint, output_lock, verify_checkpoint
 
 from .conftest import FAST, TINY_DAVIT, load_tool, tool_env
@@ -187,25 +188,48 @@ def test_kill_at_each_operation_of_a_checkpoint_write_loses_nothing(runs, drive,
         assert leftovers(run / "checkpoints") == [] and leftovers(run) == [], run.name
 
 
-def test_a_corrupt_checkpoint_is_named_and_resume_falls_back(runs, tmp_path, capsys):
-    """A flipped bit in the newest checkpoint: publish and eval name the file (exit 2); resume warns, naming it,
-    and continues from the previous checkpoint to the same weights."""
+def flip_a_digit(path: Path) -> None:
+    """The first digit after the point of the first fraction in JSON file ``path``: still valid JSON."""
+    text = path.read_text()
+    at = re.search(r'": -?\d+\.\d', text).end() - 1
+    path.write_text(text[:at] + str((int(text[at]) + 1) % 10) + text[at + 1:])
+    json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("file, corrupt", [("model.safetensors", flip_last_byte), ("state.json", flip_a_digit)])
+def test_a_corrupt_checkpoint_is_named_and_resume_falls_back(runs, tmp_path, capsys, file, corrupt):
+    """A flipped bit in the newest checkpoint's weights, or a changed digit in its state.json: publish and eval
+    name the file (exit 2); resume warns, naming it, and continues from the previous checkpoint to the same
+    weights."""
     run = tmp_path / "run"
     shutil.copytree(runs["step2"], run)
     newest = last_checkpoint(run)
-    flip_last_byte(newest / "model.safetensors")
+    corrupt(newest / file)
     assert publish.main([str(run), "--out", str(tmp_path / "hub")]) == 2
     err = capsys.readouterr().err
-    assert f"{newest / 'model.safetensors'} is corrupt" in err and not (tmp_path / "hub").exists()
+    assert f"{newest / file} is corrupt" in err and not (tmp_path / "hub").exists()
     assert evaluate.main(["davit_tiny", str(runs["data"]), "--model-args", TINY_DAVIT[3], "--checkpoint",
                           str(newest / "model.safetensors"), "--workers", "0"]) == 2
-    assert f"{newest / 'model.safetensors'} is corrupt" in capsys.readouterr().err
+    assert f"{newest / file} is corrupt" in capsys.readouterr().err
     assert train.main([str(runs["data"]), "--output", str(run), "--resume", "--max-steps", "2", "--workers",
                        "0"]) == 0
     out = capsys.readouterr().out
-    assert f"warning: {newest / 'model.safetensors'} is corrupt" in out
+    assert f"warning: {newest / file} is corrupt" in out
     assert "previous intact checkpoint step-00000001" in out and "at step 1 " in out
     assert same(tensors(last_checkpoint(run)), tensors(last_checkpoint(runs["step2"])))
+
+
+def test_a_state_json_without_its_own_digest_still_has_its_files_checked(runs, tmp_path):
+    """A checkpoint written before state.json recorded its own digest: accepted, its tensor files still checked."""
+    folder = tmp_path / "old"
+    shutil.copytree(last_checkpoint(runs["step2"]), folder)
+    state = json.loads((folder / "state.json").read_text())
+    del state["state_sha256"]
+    (folder / "state.json").write_text(json.dumps(state, indent=1))
+    assert verify_checkpoint(folder)["step"] == 2
+    flip_last_byte(folder / "model.safetensors")
+    with pytest.raises(InputError, match="model.safetensors is corrupt"):
+        verify_checkpoint(folder)
 
 
 # ---------------------------------------------------------------------------------------- publish, convert, eval

@@ -73,3 +73,21 @@ def test_dry_run_writes_the_report(tmp_path):
     assert {r["name"] for r in report["benchmark"]["rows"]} == {"ela_pool", "ela_gate"}
     text = (out / "report.md").read_text()
     assert "## CUDA tests" in text and "| ela_pool | ela_b_resnet18:" in text
+
+
+def test_a_failed_report_write_leaves_the_previous_report(tmp_path, monkeypatch):
+    gpu_check.write_report(tmp_path, {"run": 1}, "# run 1\n")
+    assert json.loads((tmp_path / "report.json").read_text()) == {"run": 1}
+
+    def crash(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", crash)
+    with pytest.raises(OSError, match="No space left"):
+        gpu_check.write_report(tmp_path, {"run": 2}, "# run 2\n")
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "report.json").read_text()) == {"run": 1}
+    assert (tmp_path / "report.md").read_text() == "# run 1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]  # no temporary file left
+    gpu_check.write_report(tmp_path, {"run": 2}, "# run 2\n")
+    assert (tmp_path / "report.md").read_text() == "# run 2\n"
